@@ -1,0 +1,1 @@
+"""Subcommands of the `qserve` CLI, one module each (see qserve.cli)."""

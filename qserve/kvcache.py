@@ -1,0 +1,85 @@
+"""The engine's KV cache: one preallocated tensor per K and V, indexed [layer, slot, head, pos, dim].
+
+Each running sequence owns a slot; nothing is allocated per token. This class is the seam for
+other KV formats (int8/int4, CSKV's compressed features): a format implements `write` (quantize
+on write) and `read` (hand attention dense K/V for the live positions) and `bytes_per_token`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Where the rows of one forward pass live in the cache.
+
+    Every row has the same number of new tokens T (a prefill chunk of one sequence, or one
+    token per sequence in batched decode). `starts[b]` is the position of row b's first new token.
+    """
+
+    slots: torch.Tensor  # [B] long
+    starts: torch.Tensor  # [B] long
+    num_new: int
+    kv_len: int  # max(starts) + num_new: the key length attention must see
+    contiguous_slots: bool = False  # slots == arange(slots[0], slots[0]+B): cache reads are views
+    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when plain causal suffices
+
+    @classmethod
+    def make(cls, slots: list[int], starts: list[int], num_new: int) -> "Batch":
+        s = torch.tensor(slots, dtype=torch.long)
+        p = torch.tensor(starts, dtype=torch.long)
+        kv_len = max(starts) + num_new
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        if len(slots) == 1 and starts[0] == 0:
+            mask = None  # causal over the chunk itself
+        else:
+            q_pos = p[:, None] + torch.arange(num_new)[None, :]  # [B, T]
+            mask = (torch.arange(kv_len)[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)
+        return cls(s, p, num_new, kv_len, contiguous, mask)
+
+    def positions(self) -> torch.Tensor:
+        return self.starts[:, None] + torch.arange(self.num_new)[None, :]
+
+
+class KVCache:
+    """Dense KV cache in the engine's compute dtype."""
+
+    kv_format = "model-dtype"
+
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype):
+        shape = (num_layers, num_slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.num_slots = num_slots
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def write(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [B, Hkv, T, D] for the batch's new positions."""
+        if batch.num_new == 1:
+            self.k[layer, batch.slots, :, batch.starts] = k[:, :, 0]
+            self.v[layer, batch.slots, :, batch.starts] = v[:, :, 0]
+            return
+        for b in range(k.shape[0]):
+            s, p = int(batch.slots[b]), int(batch.starts[b])
+            self.k[layer, s, :, p:p + batch.num_new] = k[b]
+            self.v[layer, s, :, p:p + batch.num_new] = v[b]
+
+    def read(self, layer: int, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense [B, Hkv, kv_len, D] keys and values for the batch's sequences."""
+        n = batch.kv_len
+        if batch.contiguous_slots:
+            s0 = int(batch.slots[0])
+            sl = slice(s0, s0 + len(batch.slots))
+            return self.k[layer, sl, :, :n], self.v[layer, sl, :, :n]
+        return self.k[layer, batch.slots, :, :n], self.v[layer, batch.slots, :, :n]

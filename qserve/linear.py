@@ -1,0 +1,153 @@
+"""The quantized-linear seam: every method's runtime half is a `QuantLinear` registered under the
+`quant_method` string its checkpoints carry in config.json's `quantization_config`.
+
+A method module does `@register_quant_method("qserve-foo")` on a QuantLinear subclass and
+implements `from_stored` (build the layer from the tensors stored under one linear's prefix),
+`forward`, and `weight_bytes`. Online transforms that must run before the matmul (a Hadamard
+rotation, FlatQuant's Kronecker transform, activation quantization) live inside the method's
+forward, so the model code never needs to know about them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qserve.errors import ConfigError
+
+_REGISTRY: dict[str, type["QuantLinear"]] = {}
+
+# Modules that register methods when imported; the registry loads them on first lookup so the
+# core never imports a method it does not serve.
+METHOD_MODULES = (
+    "qserve.quant_methods.rtn",
+    "qserve.quant_methods.awq",
+    "qserve.quant_methods.smoothquant_plus",
+    "qserve.quant_methods.bitstack",
+)
+
+
+class QuantLinear(nn.Module):
+    """Runtime half of a quantization method: a drop-in replacement for nn.Linear."""
+
+    quant_method: ClassVar[str] = ""
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_stored(
+        cls, stored: dict[str, torch.Tensor], in_features: int, out_features: int,
+        qcfg: dict[str, Any], dtype: torch.dtype,
+    ) -> "QuantLinear":
+        raise NotImplementedError
+
+    @classmethod
+    def concat_stored(cls, parts: list[dict[str, torch.Tensor]], qcfg: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Stored tensors of several linears sharing an input, fused along out_features, or None
+        when the format cannot be fused (the model then runs the parts one after another)."""
+        return None
+
+    def weight_bytes(self) -> int:
+        """Bytes this layer keeps resident for its weights (what the planner budgets)."""
+        return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
+
+
+def register_quant_method(name: str):
+    def deco(cls: type[QuantLinear]) -> type[QuantLinear]:
+        cls.quant_method = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_method_modules() -> None:
+    for mod in METHOD_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def get_quant_method(name: str) -> type[QuantLinear]:
+    if name not in _REGISTRY:
+        _load_method_modules()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown quant_method {name!r}; this qserve knows {sorted(_REGISTRY)}"
+        ) from None
+
+
+def registered_methods() -> list[str]:
+    _load_method_modules()
+    return sorted(_REGISTRY)
+
+
+class DenseLinear(nn.Module):
+    """An unquantized linear in the engine's compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_bytes(self) -> int:
+        n = self.weight.numel() * self.weight.element_size()
+        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+class ConcatLinear(nn.Module):
+    """Linears sharing an input whose format cannot be fused: run each, concatenate outputs."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def weight_bytes(self) -> int:
+        return sum(p.weight_bytes() for p in self.parts)
+
+
+def build_linear(
+    parts: list[dict[str, torch.Tensor]], in_features: int, out_features: list[int],
+    qcfg: dict[str, Any] | None, dtype: torch.dtype,
+) -> nn.Module:
+    """One (possibly fused) linear from the stored tensors of one or more projections.
+
+    A part holding a plain `weight` is dense; any other part belongs to the checkpoint's method.
+    """
+    total_out = sum(out_features)
+    if all("weight" in p for p in parts):
+        w = torch.cat([p["weight"] for p in parts], 0)
+        biases = [p.get("bias") for p in parts]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(n) for b, n in zip(biases, out_features)]
+        )
+        return DenseLinear(w, bias, dtype)
+    if qcfg is None or any("weight" in p for p in parts):
+        raise ConfigError("checkpoint mixes dense and quantized tensors inside one fused projection")
+    cls = get_quant_method(qcfg["quant_method"])
+    if len(parts) > 1:
+        fused = cls.concat_stored(parts, qcfg)
+        if fused is None:
+            return ConcatLinear(
+                [cls.from_stored(p, in_features, n, qcfg, dtype) for p, n in zip(parts, out_features)]
+            )
+        parts = [fused]
+    return cls.from_stored(parts[0], in_features, total_out, qcfg, dtype)

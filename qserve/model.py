@@ -1,0 +1,149 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) in plain torch, built from a checkpoint.
+
+Linear layers come through the quantized-linear seam (qserve.linear.build_linear), with q/k/v and
+gate/up fused at load; KV state lives in qserve.kvcache; attention is a pluggable function.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qserve.attention import AttentionFn, sdpa_attention
+from qserve.checkpoint import Checkpoint
+from qserve.config import ModelConfig, load_config
+from qserve.errors import CheckpointError
+from qserve.kvcache import Batch, KVCache
+from qserve.linear import build_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs:  # llama3 frequency-dependent scaling
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(is_mid, mid, scaled)
+    return inv
+
+
+class Rope(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int, dtype: torch.dtype):
+        super().__init__()
+        t = torch.arange(max_len, dtype=torch.int64).float()
+        freqs = torch.outer(t, rope_inv_freq(cfg))
+        emb = torch.cat([freqs, freqs], -1)
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [B, H, T, D], pos [B, T]."""
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rot * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, ckpt: Checkpoint, dtype: torch.dtype):
+        super().__init__()
+        p = f"model.layers.{idx}."
+        qc = cfg.quantization_config
+        h, kvd = cfg.num_heads * cfg.head_dim, cfg.kv_dim
+        self.idx = idx
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.input_norm = RMSNorm(ckpt.get(p + "input_layernorm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps, dtype)
+        self.post_norm = RMSNorm(ckpt.get(p + "post_attention_layernorm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps, dtype)
+        a, m = p + "self_attn.", p + "mlp."
+        self.qkv = build_linear([ckpt.get_many(a + n + ".") for n in ("q_proj", "k_proj", "v_proj")],
+                                cfg.hidden_size, [h, kvd, kvd], qc, dtype)
+        self.o_proj = build_linear([ckpt.get_many(a + "o_proj.")], h, [cfg.hidden_size], qc, dtype)
+        self.gate_up = build_linear([ckpt.get_many(m + n + ".") for n in ("gate_proj", "up_proj")],
+                                    cfg.hidden_size, [cfg.intermediate_size] * 2, qc, dtype)
+        self.down = build_linear([ckpt.get_many(m + "down_proj.")], cfg.intermediate_size, [cfg.hidden_size], qc, dtype)
+        self.split = (h, kvd, kvd)
+        self.inter = cfg.intermediate_size
+
+    def forward(self, x: torch.Tensor, batch: Batch, pos: torch.Tensor, rope: Rope, cache: KVCache,
+                attn: AttentionFn) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.input_norm(x)).split(self.split, dim=-1)
+        q = rope(q.view(b, t, self.nh, self.hd).transpose(1, 2), pos)
+        k = rope(k.view(b, t, self.nkv, self.hd).transpose(1, 2), pos)
+        v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
+        cache.write(self.idx, batch, k, v)
+        kk, vv = cache.read(self.idx, batch)
+        o = attn(q, kk, vv, batch.mask).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.o_proj(o)
+        gate, up = self.gate_up(self.post_norm(x)).split(self.inter, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, max_len: int):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        emb = ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.embed = nn.Parameter(emb.to(dtype), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ckpt, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(ckpt.get("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps, dtype)
+        head = [ckpt.get_many("lm_head.")] if "lm_head.weight" in ckpt or ckpt.names("lm_head.") else None
+        if head is None:
+            if not cfg.tie_word_embeddings:
+                raise CheckpointError("checkpoint has no lm_head and the config does not tie embeddings")
+            head = [{"weight": emb}]
+        self.lm_head = build_linear(head, cfg.hidden_size, [cfg.vocab_size], cfg.quantization_config, dtype)
+        self.rope = Rope(cfg, max_len, dtype)
+        self.attention: AttentionFn = sdpa_attention
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of weights (shared storage, e.g. a tied head, counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for name, t in list(self.named_parameters()) + list(self.named_buffers()):
+            if name.startswith("rope.") or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, batch: Batch, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """ids [B, T] -> logits [B, V] for each row's last token (or [B, T, V] with all_logits)."""
+        x = F.embedding(ids, self.embed)
+        pos = batch.positions()
+        for layer in self.layers:
+            x = layer(x, batch, pos, self.rope, cache, self.attention)
+        if not all_logits:
+            x = x[:, -1]
+        return self.lm_head(self.norm(x)).float()
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, max_len: int) -> CausalLM:
+    cfg = load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    model = CausalLM(cfg, ckpt, dtype, max_len)
+    if isinstance(model.lm_head, nn.Module) and hasattr(model.lm_head, "weight") and cfg.tie_word_embeddings \
+            and "lm_head.weight" not in ckpt and model.lm_head.weight.dtype == dtype:
+        model.lm_head.weight = model.embed  # share storage with the embedding
+    return model.eval()

@@ -1,0 +1,134 @@
+"""W4A16 / W8A16 weight-only linear: the runtime shared by RTN, AWQ and SmoothQuant+.
+
+Stored tensors under a linear's prefix:
+- 4 bits: `qweight` int32 [N, ceil(K/8)] (see groupquant for the nibble order), `scales` fp16
+  [N, G], `qzeros` uint8 [N, G] (asymmetric; w = (q - z) * s), optional `bias`.
+- 8 bits: `qweight` int8 [N, K], `scales` fp16 [N, 1]: symmetric per output channel, which is
+  the layout torch's int8 CPU kernel computes with.
+
+At load the codes are converted once into torch's CPU kernel layouts
+(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`); those kernels want bf16 activations, so
+the layer computes in bf16 and returns the caller's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qserve.errors import ConfigError
+from qserve.groupquant import (
+    dequantize_asym, dequantize_sym, num_groups, pack_int4, quantize_asym, quantize_sym, unpack_int4,
+)
+from qserve.linear import QuantLinear
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def check_woq_config(bits: int, group_size: int) -> None:
+    if bits == 4 and group_size not in INT4_GROUP_SIZES:
+        raise ConfigError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if bits == 8 and group_size != -1:
+        raise ConfigError("int8 weights are per output channel (group_size -1): torch's int8 kernel")
+    if bits not in (3, 4, 8):
+        raise ConfigError(f"weight-only bits must be 3, 4 or 8, got {bits}")
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float | None = None
+) -> dict[str, torch.Tensor]:
+    """RTN-quantize one [N, K] weight into the stored format (3-bit codes share the 4-bit layout)."""
+    check_woq_config(bits, group_size)
+    if bits == 8:
+        q, s = quantize_sym(w, 8, -1)
+        return {"qweight": q, "scales": s.to(torch.float16)}
+    q, s, z = quantize_asym(w, bits, group_size, clip)
+    s16 = s.to(torch.float16)
+    # requantize against the fp16 scale actually stored, so dequant(stored) is the RTN grid
+    q = _requantize(w, s16, z, bits, group_size)
+    return {"qweight": pack_int4(q), "scales": s16, "qzeros": z}
+
+
+def _requantize(w: torch.Tensor, s16: torch.Tensor, z: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    k = w.shape[1]
+    s = s16.float().repeat_interleave(group_size, -1)[:, :k]
+    zz = z.float().repeat_interleave(group_size, -1)[:, :k]
+    return torch.round(w.float() / s + zz).clamp(0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize_stored(stored: dict[str, torch.Tensor], in_features: int, group_size: int) -> torch.Tensor:
+    """fp32 [N, K] weight that the stored tensors represent (the reference for every kernel)."""
+    if stored["qweight"].dtype == torch.int8:
+        return dequantize_sym(stored["qweight"], stored["scales"], -1)
+    q = unpack_int4(stored["qweight"], in_features)
+    return dequantize_asym(q, stored["scales"], stored["qzeros"], group_size)
+
+
+class WeightOnlyLinear(QuantLinear):
+    """Computes x @ W^T with W kept as int4/int8 codes in torch's CPU kernel layout."""
+
+    def __init__(self, stored: dict[str, torch.Tensor], in_features: int, out_features: int,
+                 bits: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        bias = stored.get("bias")
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        if stored["qweight"].dtype == torch.int8:
+            self.register_buffer("w8", stored["qweight"].contiguous())
+            self.register_buffer("s8", stored["scales"].reshape(-1).to(torch.bfloat16))
+            self.padded_k = in_features
+            return
+        g = group_size
+        self.padded_k = num_groups(in_features, g) * g
+        q = unpack_int4(stored["qweight"], in_features).to(torch.int32)
+        if self.padded_k != in_features:
+            q = torch.nn.functional.pad(q, (0, self.padded_k - in_features), value=8)
+        self.register_buffer("w4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+        s = stored["scales"].float()
+        z = (8.0 - stored["qzeros"].float()) * s  # kernel computes (q - 8) * s + z
+        self.register_buffer("sz", torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous())
+
+    @classmethod
+    def from_stored(cls, stored, in_features, out_features, qcfg: dict[str, Any], dtype):
+        bits, gs = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
+        check_woq_config(bits, gs)
+        shape = stored["qweight"].shape
+        want = (out_features, in_features) if bits == 8 else (out_features, (in_features + 7) // 8)
+        if tuple(shape) != want:
+            raise ConfigError(f"qweight has shape {list(shape)}, expected {list(want)}")
+        return cls(stored, in_features, out_features, bits, gs)
+
+    @classmethod
+    def concat_stored(cls, parts, qcfg):
+        return {k: torch.cat([p[k] for p in parts], 0) for k in parts[0]
+                if all(k in p for p in parts)} | (
+            {} if all("bias" not in p for p in parts) else
+            {"bias": torch.cat([p.get("bias", torch.zeros(p["qweight"].shape[0])) for p in parts])})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.w8, self.s8)
+        else:
+            if self.padded_k != self.in_features:
+                xb = torch.nn.functional.pad(xb, (0, self.padded_k - self.in_features))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.w4, self.group_size, self.sz)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class ReferenceWeightOnlyLinear(nn.Module):
+    """Pure-torch fp32 reference of WeightOnlyLinear (dequantize, then matmul) for tests."""
+
+    def __init__(self, stored: dict[str, torch.Tensor], in_features: int, group_size: int):
+        super().__init__()
+        self.weight = dequantize_stored(stored, in_features, group_size)
+        self.bias = stored.get("bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), self.weight, None if self.bias is None else self.bias.float())

@@ -1,0 +1,1 @@
+"""One module per quantization method: offline (calibrate/convert) and runtime (QuantLinear)."""
