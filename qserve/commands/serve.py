@@ -1,0 +1,104 @@
+"""`qserve serve`: the OpenAI-compatible server over the embedded engine (or vLLM)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"QSERVE_{name}", default)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=_env("MODEL"),
+                   help="checkpoint directory, cached hub id or pull alias (env QSERVE_MODEL)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
+    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
+                   help="model id clients send (default: the directory name)")
+    p.add_argument("--engine", choices=["torch", "vllm"], default=_env("ENGINE", "torch"))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_env("DTYPE", "auto"))
+    p.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", "2048")))
+    p.add_argument("--max-num-seqs", type=int, default=int(_env("MAX_NUM_SEQS", "8")),
+                   help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "64")),
+                   help="queued requests beyond which new ones get 429")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    p.set_defaults(func=run)
+
+
+def resolve_model(source: str):
+    """A directory as is; otherwise a cached hub id or a `qserve pull` alias."""
+    from pathlib import Path
+
+    from qserve.checkpoint import resolve_model_dir
+    from qserve.errors import CheckpointError
+
+    if Path(source).expanduser().exists():
+        return resolve_model_dir(source)
+    try:
+        from qserve.pull import resolve_or_pull
+    except ImportError:
+        return resolve_model_dir(source)
+    try:
+        return resolve_or_pull(source)
+    except CheckpointError:
+        raise
+    except Exception as e:  # pull's own errors are QServeErrors; anything else is reported plainly
+        raise CheckpointError(f"cannot resolve model {source!r}: {e}") from e
+
+
+def build_engine(args: argparse.Namespace, model_dir):
+    from qserve.checkpoint import Checkpoint
+    from qserve.config import load_config
+    from qserve.engine import EngineConfig, TorchEngine
+    from qserve.tokenizer import load_tokenizer
+
+    load_config(model_dir)
+    Checkpoint(model_dir)  # validates every header before the server starts
+    tokenizer = load_tokenizer(model_dir)
+    name = args.served_model_name or model_dir.name
+    if args.engine == "vllm":
+        from qserve.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, name, tokenizer, args), name
+    cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                       prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting,
+                       dtype=args.dtype, threads=args.threads)
+    return TorchEngine(model_dir, name, tokenizer, cfg), name
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qserve.errors import ConfigError
+    from qserve.server.app import create_app
+
+    if not args.model:
+        raise ConfigError("no model given (argument or QSERVE_MODEL)")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = resolve_model(args.model)
+    engine, name = build_engine(args, model_dir)
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(msg: str) -> None:
+        failed.append(msg)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine, name, on_load_error=on_load_error)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    server.run()
+    if failed:
+        print(f"qserve serve: error: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,240 @@
+"""The embedded CPU engine: continuous batching over a slot-based KV cache, in one worker thread.
+
+Scheduling policy (FCFS with a token budget per step): each step first spends up to
+`prefill_chunk` prompt tokens on the oldest sequences still prefilling (a long prompt is cut
+into chunks, so it never stalls running streams for more than one chunk), then runs one batched
+decode forward for every sequence that is generating. New requests take a free slot between
+steps; when no slot is free they wait in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qserve.config import ModelConfig, load_config
+from qserve.detok import StreamDecoder
+from qserve.engine_api import (
+    Engine, EngineBusy, EngineInfo, GenerationEvent, RequestHandle, RequestRejected, SamplingParams,
+)
+from qserve.kvcache import Batch, KVCache
+from qserve.model import CausalLM, load_model
+from qserve.sampling import make_generator, sample
+
+log = logging.getLogger("qserve.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
+    """'auto' is bf16: the int4/int8 CPU kernels need bf16 activations, and bf16 fp matmuls are
+    ~2.5x faster than fp32 on these CPUs."""
+    if name == "auto":
+        return torch.bfloat16
+    return DTYPES[name]
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int = 2048
+    max_num_seqs: int = 8
+    prefill_chunk: int = 512
+    max_waiting: int = 64
+    dtype: str = "auto"
+    threads: int | None = None
+
+
+@dataclass
+class _Seq:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    decoder: StreamDecoder
+    gen: torch.Generator
+    slot: int = -1
+    done_prompt: int = 0  # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+    t_arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return self.done_prompt + len(self.output)
+
+
+class TorchEngine(Engine):
+    def __init__(self, model_dir: Path, model_id: str, tokenizer: Any, cfg: EngineConfig):
+        self.model_dir = Path(model_dir)
+        self.model_id = model_id
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.mcfg = load_config(self.model_dir)
+        self.max_model_len = min(cfg.max_model_len, self.mcfg.max_position_embeddings)
+        self.dtype = resolve_dtype(cfg.dtype, self.mcfg)
+        self.eos_ids = set(self.mcfg.eos_token_ids) | set(_generation_eos(self.model_dir))
+        self.model: CausalLM | None = None
+        self.cache: KVCache | None = None
+        self._inbox: queue.SimpleQueue[_Seq | None] = queue.SimpleQueue()
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._running: list[_Seq] = []
+        self._free_slots: list[int] = list(range(cfg.max_num_seqs))
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.steps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.model = load_model(self.model_dir, self.dtype, self.max_model_len)
+        m = self.mcfg
+        self.cache = KVCache(m.num_layers, self.cfg.max_num_seqs, self.max_model_len, m.num_kv_heads,
+                             m.head_dim, self.dtype)
+        self._thread = threading.Thread(target=self._loop, name="qserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine="torch", model_id=self.model_id, model_dir=str(self.model_dir),
+            quant_method=self.mcfg.quant_method or "none", dtype=str(self.dtype).removeprefix("torch."),
+            max_model_len=self.max_model_len, max_num_seqs=self.cfg.max_num_seqs,
+            weight_bytes=self.model.weight_bytes() if self.model else 0,
+            kv_cache_bytes=self.cache.nbytes() if self.cache else 0,
+        )
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting) + self._inbox.qsize()}
+
+    # -- admission ---------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                f"asks for {len(prompt_ids)} prompt + {params.max_tokens} completion tokens"
+            )
+        if self._stop.is_set():
+            raise EngineBusy("the engine is shutting down", status=503)
+        if self.stats()["waiting"] >= self.cfg.max_waiting:
+            raise EngineBusy("too many requests are waiting; retry later")
+        handle = RequestHandle(request_id, asyncio.get_running_loop())
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple(sorted(stop_ids))})
+        seq = _Seq(handle, list(prompt_ids), params, StreamDecoder(self.tokenizer, prompt_ids[-4:], params.stop),
+                   make_generator(params.seed))
+        self._inbox.put(seq)
+        return handle
+
+    # -- the worker loop ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            idle = not self._running and not self._waiting
+            try:
+                item = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                item = None
+            with self._lock:
+                while item is not None:
+                    self._waiting.append(item)
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        item = None
+                self._reap_cancelled()
+                while self._waiting and self._free_slots:
+                    seq = self._waiting.popleft()
+                    seq.slot = self._free_slots.pop(0)
+                    self._running.append(seq)
+            if self._running:
+                try:
+                    self._step()
+                except Exception as e:  # a bug must fail its requests, not hang them
+                    log.exception("engine step failed")
+                    for seq in list(self._running):
+                        self._finish(seq, "error", error=f"internal engine error: {type(e).__name__}")
+        for seq in list(self._running) + list(self._waiting):
+            self._finish(seq, "abort")
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self._running if s.handle.cancelled]:
+            self._finish(seq, "abort")
+        self._waiting = collections.deque(s for s in self._waiting if not s.handle.cancelled)
+
+    def _step(self) -> None:
+        assert self.model is not None and self.cache is not None
+        self.steps += 1
+        budget = self.cfg.prefill_chunk
+        for seq in [s for s in self._running if s.done_prompt < len(s.prompt)]:
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.prompt) - seq.done_prompt)
+            budget -= n
+            ids = torch.tensor([seq.prompt[seq.done_prompt:seq.done_prompt + n]])
+            logits = self.model(ids, Batch.make([seq.slot], [seq.done_prompt], n), self.cache)
+            seq.done_prompt += n
+            if seq.done_prompt == len(seq.prompt):
+                self._emit(seq, sample(logits[0], seq.params, seq.gen))
+        decoding = [s for s in self._running if s.done_prompt == len(s.prompt) and s.output]
+        if decoding:
+            decoding.sort(key=lambda s: s.slot)
+            ids = torch.tensor([[s.output[-1]] for s in decoding])
+            batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1)
+            logits = self.model(ids, batch, self.cache)
+            for row, seq in enumerate(decoding):
+                self._emit(seq, sample(logits[row], seq.params, seq.gen))
+
+    def _emit(self, seq: _Seq, token: int) -> None:
+        p = seq.params
+        if token in p.stop_token_ids:
+            self._finish(seq, "stop")
+            return
+        seq.output.append(token)
+        hit_stop = seq.decoder.add(token)
+        if hit_stop:
+            self._finish(seq, "stop", last_token=token)
+        elif len(seq.output) >= p.max_tokens or seq.length >= self.max_model_len:
+            self._finish(seq, "length", last_token=token)
+        else:
+            text = seq.decoder.delta(final=False)
+            seq.handle.push(GenerationEvent(text, [token], len(seq.prompt), len(seq.output)))
+
+    def _finish(self, seq: _Seq, reason: str, last_token: int | None = None, error: str | None = None) -> None:
+        text = seq.decoder.delta(final=True) if reason in ("stop", "length") else ""
+        ids = [last_token] if last_token is not None else []
+        seq.handle.push(GenerationEvent(text, ids, len(seq.prompt), len(seq.output), reason, error))
+        if seq in self._running:
+            self._running.remove(seq)
+            self._free_slots.append(seq.slot)
+            self._free_slots.sort()
+
+
+def _generation_eos(model_dir: Path) -> list[int]:
+    import json
+
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError):
+        return []
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,1 @@
+"""qserve's OpenAI-compatible HTTP server (installed as qserve.server)."""
