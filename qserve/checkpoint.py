@@ -27,7 +27,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def resolve_model_dir(source: str | os.PathLike[str]) -> Path:
+def resolve_model_dir(source: str | os.PathLike[str], cache_dir: str | None = None) -> Path:
     """A local directory, or a hub repo id already present in the local cache (never downloads)."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -40,7 +40,7 @@ def resolve_model_dir(source: str | os.PathLike[str]) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(text, local_files_only=True))
+            return Path(snapshot_download(text, local_files_only=True, cache_dir=cache_dir))
         except (LocalEntryNotFoundError, OSError, ValueError) as e:
             raise CheckpointError(
                 f"model {text!r} is neither a local directory nor in the local Hugging Face cache "

@@ -88,7 +88,7 @@ class TorchEngine(Engine):
         self._free_slots: list[int] = list(range(cfg.max_num_seqs))
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.steps = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -216,13 +216,14 @@ class TorchEngine(Engine):
             seq.handle.push(GenerationEvent(text, [token], len(seq.prompt), len(seq.output)))
 
     def _finish(self, seq: _Seq, reason: str, last_token: int | None = None, error: str | None = None) -> None:
+        if seq in self._running:  # free the slot before the client can observe the end
+            with self._lock:
+                self._running.remove(seq)
+                self._free_slots.append(seq.slot)
+                self._free_slots.sort()
         text = seq.decoder.delta(final=True) if reason in ("stop", "length") else ""
         ids = [last_token] if last_token is not None else []
         seq.handle.push(GenerationEvent(text, ids, len(seq.prompt), len(seq.output), reason, error))
-        if seq in self._running:
-            self._running.remove(seq)
-            self._free_slots.append(seq.slot)
-            self._free_slots.sort()
 
 
 def _generation_eos(model_dir: Path) -> list[int]:

@@ -77,8 +77,11 @@ class RequestHandle:
         self.finished = False
 
     def push(self, event: GenerationEvent) -> None:
-        """Called from any thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        """Called from any thread. A consumer whose event loop is gone counts as cancelled."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:
+            self.cancelled = True
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qserve.errors import ConfigError
+from qserve.errors import CheckpointError, ConfigError
 
 _REGISTRY: dict[str, type["QuantLinear"]] = {}
 
@@ -133,6 +133,11 @@ def build_linear(
     A part holding a plain `weight` is dense; any other part belongs to the checkpoint's method.
     """
     total_out = sum(out_features)
+    for p, n in zip(parts, out_features):
+        if "weight" in p and tuple(p["weight"].shape) != (n, in_features):
+            raise CheckpointError(
+                f"a linear weight has shape {list(p['weight'].shape)}, the config implies {[n, in_features]}"
+            )
     if all("weight" in p for p in parts):
         w = torch.cat([p["weight"] for p in parts], 0)
         biases = [p.get("bias") for p in parts]

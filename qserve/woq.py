@@ -77,7 +77,8 @@ class WeightOnlyLinear(QuantLinear):
         bias = stored.get("bias")
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
         if stored["qweight"].dtype == torch.int8:
-            self.register_buffer("w8", stored["qweight"].contiguous())
+            # a fresh allocation: the kernel faults on the unaligned views safetensors can return
+            self.register_buffer("w8", stored["qweight"].clone(memory_format=torch.contiguous_format))
             self.register_buffer("s8", stored["scales"].reshape(-1).to(torch.bfloat16))
             self.padded_k = in_features
             return

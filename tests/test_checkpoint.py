@@ -1,0 +1,130 @@
+"""Checkpoint loading: real HF layout, sharding, and clear errors for every broken case."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qserve.checkpoint import Checkpoint, resolve_model_dir, save_checkpoint
+from qserve.config import load_config
+from qserve.errors import CheckpointError, ConfigError
+from qserve.model import load_model
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_checkpoint_loads_same_model(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = Checkpoint(tiny_dir)
+    tensors = {n: ckpt.get(n) for n in ckpt.names()}
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    out = tmp_path / "sharded"
+    save_checkpoint(out, tensors, cfg, source_dir=tiny_dir, max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("*.safetensors"))) > 1
+    a = load_model(tiny_dir, torch.float32, 64)
+    b = load_model(out, torch.float32, 64)
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb)
+
+
+def test_missing_dir() -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_model_dir("/nonexistent/model")
+
+
+def test_hub_id_not_in_cache(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="local Hugging Face cache"):
+        resolve_model_dir("someone/not-a-cached-model", cache_dir=str(tmp_path))
+
+
+def test_hub_cache_layout_resolves(tmp_path: Path, tiny_dir: Path) -> None:
+    """A model in the standard hub cache layout is found offline by its repo id."""
+    repo = tmp_path / "models--acme--tiny"
+    _copy(tiny_dir, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    got = resolve_model_dir("acme/tiny", cache_dir=str(tmp_path))
+    assert load_config(got).num_layers == 2
+
+
+def test_unknown_architecture(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["FancyNewForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unsupported architecture"):
+        load_config(d)
+
+
+def test_missing_architecture(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["architectures"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="architectures"):
+        load_config(d)
+
+
+def test_truncated_safetensors(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Checkpoint(d)
+
+
+def test_corrupt_header(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"\x00garbage!!\xff\xfe"
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="header"):
+        Checkpoint(d)
+
+
+def test_wrong_shape(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 320
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(d, torch.float32, 64)
+
+
+def test_pickle_refused(tmp_path: Path, tiny_dir: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(tiny_dir / "config.json", d)
+    torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        Checkpoint(d)
+
+
+def test_cli_errors_are_one_line_and_nonzero(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    for argv in (["info", str(d)], ["info", str(tmp_path / "nope")]):
+        r = subprocess.run([sys.executable, "-m", "qserve.cli", *argv], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "Traceback" not in r.stderr and "error:" in r.stderr, r.stderr
+
+
+def test_serve_missing_tokenizer_exits_nonzero(tiny_dir: Path, tmp_path: Path) -> None:
+    d = _copy(tiny_dir, tmp_path / "m")
+    (d / "tokenizer.json").unlink()
+    r = subprocess.run([sys.executable, "-m", "qserve.cli", "serve", str(d), "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr
