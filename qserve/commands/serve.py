@@ -30,6 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    p.add_argument("--drain-delay", type=float, default=float(_env("DRAIN_DELAY", "0")),
+                   help="seconds between SIGTERM (/ready turns 503) and closing the listener")
+    p.add_argument("--grace-period", type=float, default=float(_env("GRACE_PERIOD", "30")),
+                   help="seconds in-flight requests get to finish after SIGTERM")
     p.set_defaults(func=run)
 
 
@@ -74,6 +78,38 @@ def build_engine(args: argparse.Namespace, model_dir):
     return TorchEngine(model_dir, name, tokenizer, cfg), name
 
 
+def _graceful_server(config, app, drain_delay: float):
+    """A uvicorn server whose SIGTERM/SIGINT drain: /ready turns 503 at once, the listener closes
+    after `drain_delay`, in-flight requests finish, and the process exits 0 (uvicorn's own
+    handler re-raises the signal, which makes the exit status look like a crash)."""
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self._drain) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+        def _drain(self, sig, frame) -> None:
+            if app.state.qserve.draining:  # a second signal: stop now
+                self.force_exit = True
+            app.state.qserve.draining = True
+            threading.Timer(drain_delay, lambda: setattr(self, "should_exit", True)).start()
+
+    return Server(config)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -95,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(engine, name, on_load_error=on_load_error)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                            timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.grace_period)
+    server = _graceful_server(config, app, args.drain_delay)
     server.run()
     if failed:
         print(f"qserve serve: error: {failed[0]}", file=sys.stderr)
