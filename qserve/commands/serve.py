@@ -34,7 +34,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds between SIGTERM (/ready turns 503) and closing the listener")
     p.add_argument("--grace-period", type=float, default=float(_env("GRACE_PERIOD", "30")),
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--self-test", action="store_true",
+                   help="once ready, send one chat request to this server and print the answer")
+    p.add_argument("--exit-after-self-test", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def _self_test(base: str, model: str, server, exit_after: bool) -> None:
+    """Ask the running server one question over HTTP, as a user's client would."""
+    import json
+    import time
+    import urllib.request
+
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(base + "/ready", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    question = "What is the capital of France? Answer in one sentence."
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
+                       "max_tokens": 48, "temperature": 0}).encode()
+    req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            out = json.loads(r.read())
+        answer = out["choices"][0]["message"]["content"]
+        print(f"\n[self-test] POST /v1/chat/completions ({time.perf_counter() - t0:.1f} s, "
+              f"{out['usage']['completion_tokens']} tokens)\n  user: {question}\n  assistant: {answer}\n", flush=True)
+    except OSError as e:
+        print(f"[self-test] failed: {e}", flush=True)
+    if exit_after:
+        server.should_exit = True
 
 
 def resolve_model(source: str):
@@ -133,6 +167,12 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.grace_period)
     server = _graceful_server(config, app, args.drain_delay)
+    if args.self_test or args.exit_after_self_test:
+        import threading
+
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        threading.Thread(target=_self_test, args=(f"http://{host}:{args.port}", name, server,
+                                                  args.exit_after_self_test), daemon=True).start()
     server.run()
     if failed:
         print(f"qserve serve: error: {failed[0]}", file=sys.stderr)
