@@ -66,6 +66,51 @@ def dequantize_stored(stored: dict[str, torch.Tensor], in_features: int, group_s
     return dequantize_asym(q, stored["scales"], stored["qzeros"], group_size)
 
 
+def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, in_features: int,
+                 group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored int4 codes -> (w4, sz): torch's `_weight_int4pack_mm_for_cpu` layout, done once at load.
+
+    A ragged last group (K=576, g=128) is padded to whole groups with code 8 (which the kernel
+    maps to exactly zero before adding the group's offset); woq_matmul pads x with zeros to match,
+    so the padded columns contribute nothing.
+    """
+    padded_k = num_groups(in_features, group_size) * group_size
+    q = unpack_int4(qweight, in_features).to(torch.int32)
+    if padded_k != in_features:
+        q = torch.nn.functional.pad(q, (0, padded_k - in_features), value=8)
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    s = scales.float()
+    z = (8.0 - qzeros.float()) * s  # kernel computes (q - 8) * s + z
+    return w4, torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous()
+
+
+def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored int8 codes -> (w8, s8) for `_weight_int8pack_mm`. The codes get a fresh allocation:
+    the kernel faults on the unaligned views safetensors can return."""
+    return qweight.clone(memory_format=torch.contiguous_format), scales.reshape(-1).to(torch.bfloat16)
+
+
+def woq_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_size: int,
+               out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) from prepare_int4 / prepare_int8 buffers (int8 when weight is int8).
+
+    Computes in bf16 (the kernels' fast path) and returns x's dtype. Shared by WeightOnlyLinear
+    and the vLLM plugin, so both run exactly the same ops.
+    """
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    if weight.dtype == torch.int8:
+        y = torch.ops.aten._weight_int8pack_mm(xb, weight, scale)
+    else:
+        padded_k = weight.shape[1] * 2  # the CPU int4 pack holds two codes per byte
+        if padded_k != shape[-1]:
+            xb = torch.nn.functional.pad(xb, (0, padded_k - shape[-1]))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, weight, group_size, scale)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], out_features).to(x.dtype)
+
+
 class WeightOnlyLinear(QuantLinear):
     """Computes x @ W^T with W kept as int4/int8 codes in torch's CPU kernel layout."""
 
@@ -77,20 +122,11 @@ class WeightOnlyLinear(QuantLinear):
         bias = stored.get("bias")
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
         if stored["qweight"].dtype == torch.int8:
-            # a fresh allocation: the kernel faults on the unaligned views safetensors can return
-            self.register_buffer("w8", stored["qweight"].clone(memory_format=torch.contiguous_format))
-            self.register_buffer("s8", stored["scales"].reshape(-1).to(torch.bfloat16))
-            self.padded_k = in_features
-            return
-        g = group_size
-        self.padded_k = num_groups(in_features, g) * g
-        q = unpack_int4(stored["qweight"], in_features).to(torch.int32)
-        if self.padded_k != in_features:
-            q = torch.nn.functional.pad(q, (0, self.padded_k - in_features), value=8)
-        self.register_buffer("w4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
-        s = stored["scales"].float()
-        z = (8.0 - stored["qzeros"].float()) * s  # kernel computes (q - 8) * s + z
-        self.register_buffer("sz", torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous())
+            w, s = prepare_int8(stored["qweight"], stored["scales"])
+        else:
+            w, s = prepare_int4(stored["qweight"], stored["scales"], stored["qzeros"], in_features, group_size)
+        self.register_buffer("weight_packed", w)
+        self.register_buffer("weight_scale", s)
 
     @classmethod
     def from_stored(cls, stored, in_features, out_features, qcfg: dict[str, Any], dtype):
@@ -110,17 +146,7 @@ class WeightOnlyLinear(QuantLinear):
             {"bias": torch.cat([p.get("bias", torch.zeros(p["qweight"].shape[0])) for p in parts])})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.w8, self.s8)
-        else:
-            if self.padded_k != self.in_features:
-                xb = torch.nn.functional.pad(xb, (0, self.padded_k - self.in_features))
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.w4, self.group_size, self.sz)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return woq_matmul(x, self.weight_packed, self.weight_scale, self.group_size, self.out_features, self.bias)
 
 
 class ReferenceWeightOnlyLinear(nn.Module):
