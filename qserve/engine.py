@@ -26,7 +26,8 @@ from qserve.detok import StreamDecoder
 from qserve.engine_api import (
     Engine, EngineBusy, EngineInfo, GenerationEvent, RequestHandle, RequestRejected, SamplingParams,
 )
-from qserve.kvcache import Batch, KVCache
+from qserve.attention import get_attention
+from qserve.kvcache import Batch, KVCache, get_kv_format
 from qserve.model import CausalLM, load_model
 from qserve.sampling import make_generator, sample
 
@@ -51,6 +52,9 @@ class EngineConfig:
     max_waiting: int = 64
     dtype: str = "auto"
     threads: int | None = None
+    head: str = "auto"  # "int8", "model" (as stored), or "auto": int8 for quantized checkpoints
+    kv_format: str = "model"  # a name registered in qserve.kvcache (the compute dtype by default)
+    attention: str = "sdpa"  # a name registered in qserve.attention
 
 
 @dataclass
@@ -95,10 +99,12 @@ class TorchEngine(Engine):
     def start(self) -> None:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        self.model = load_model(self.model_dir, self.dtype, self.max_model_len)
+        int8_head = self.cfg.head == "int8" or (self.cfg.head == "auto" and self.mcfg.quant_method is not None)
+        self.model = load_model(self.model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
+        self.model.attention = get_attention(self.cfg.attention)
         m = self.mcfg
-        self.cache = KVCache(m.num_layers, self.cfg.max_num_seqs, self.max_model_len, m.num_kv_heads,
-                             m.head_dim, self.dtype)
+        self.cache = get_kv_format(self.cfg.kv_format)(
+            m.num_layers, self.cfg.max_num_seqs, self.max_model_len, m.num_kv_heads, m.head_dim, self.dtype)
         self._thread = threading.Thread(target=self._loop, name="qserve-engine", daemon=True)
         self._thread.start()
 

@@ -26,6 +26,8 @@ class Batch:
     kv_len: int  # max(starts) + num_new: the key length attention must see
     contiguous_slots: bool = False  # slots == arange(slots[0], slots[0]+B): cache reads are views
     mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, None when plain causal suffices
+    slot_list: tuple[int, ...] = ()
+    start_list: tuple[int, ...] = ()
 
     @classmethod
     def make(cls, slots: list[int], starts: list[int], num_new: int) -> "Batch":
@@ -33,12 +35,12 @@ class Batch:
         p = torch.tensor(starts, dtype=torch.long)
         kv_len = max(starts) + num_new
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        if len(slots) == 1 and starts[0] == 0:
-            mask = None  # causal over the chunk itself
+        if len(slots) == 1 and (starts[0] == 0 or num_new == 1):
+            mask = None  # causal over a fresh chunk, or one query seeing every cached key
         else:
             q_pos = p[:, None] + torch.arange(num_new)[None, :]  # [B, T]
             mask = (torch.arange(kv_len)[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)
-        return cls(s, p, num_new, kv_len, contiguous, mask)
+        return cls(s, p, num_new, kv_len, contiguous, mask, tuple(slots), tuple(starts))
 
     def positions(self) -> torch.Tensor:
         return self.starts[:, None] + torch.arange(self.num_new)[None, :]
@@ -47,7 +49,7 @@ class Batch:
 class KVCache:
     """Dense KV cache in the engine's compute dtype."""
 
-    kv_format = "model-dtype"
+    kv_format = "model"
 
     def __init__(self, num_layers: int, num_slots: int, max_len: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype):
@@ -66,12 +68,16 @@ class KVCache:
 
     def write(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [B, Hkv, T, D] for the batch's new positions."""
+        if batch.num_new == 1 and k.shape[0] == 1:
+            s, p = batch.slot_list[0], batch.start_list[0]
+            self.k[layer, s, :, p] = k[0, :, 0]
+            self.v[layer, s, :, p] = v[0, :, 0]
+            return
         if batch.num_new == 1:
             self.k[layer, batch.slots, :, batch.starts] = k[:, :, 0]
             self.v[layer, batch.slots, :, batch.starts] = v[:, :, 0]
             return
-        for b in range(k.shape[0]):
-            s, p = int(batch.slots[b]), int(batch.starts[b])
+        for b, (s, p) in enumerate(zip(batch.slot_list, batch.start_list)):
             self.k[layer, s, :, p:p + batch.num_new] = k[b]
             self.v[layer, s, :, p:p + batch.num_new] = v[b]
 
@@ -79,7 +85,29 @@ class KVCache:
         """Dense [B, Hkv, kv_len, D] keys and values for the batch's sequences."""
         n = batch.kv_len
         if batch.contiguous_slots:
-            s0 = int(batch.slots[0])
-            sl = slice(s0, s0 + len(batch.slots))
+            s0 = batch.slot_list[0]
+            sl = slice(s0, s0 + len(batch.slot_list))
             return self.k[layer, sl, :, :n], self.v[layer, sl, :, :n]
         return self.k[layer, batch.slots, :, :n], self.v[layer, batch.slots, :, :n]
+
+
+_FORMATS: dict[str, type[KVCache]] = {"model": KVCache}
+
+
+def register_kv_format(name: str):
+    """Register a KVCache subclass (same constructor, write/read/bytes_per_token contract)."""
+
+    def deco(cls: type[KVCache]) -> type[KVCache]:
+        cls.kv_format = name
+        _FORMATS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_kv_format(name: str) -> type[KVCache]:
+    from qserve.errors import ConfigError
+
+    if name not in _FORMATS:
+        raise ConfigError(f"unknown KV cache format {name!r}; known: {sorted(_FORMATS)}")
+    return _FORMATS[name]

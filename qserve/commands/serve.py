@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="queued requests beyond which new ones get 429")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--head", choices=["auto", "int8", "model"], default=_env("HEAD", "auto"),
+                   help="output head precision: auto = int8 for quantized checkpoints, as stored otherwise")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     p.add_argument("--drain-delay", type=float, default=float(_env("DRAIN_DELAY", "0")),
                    help="seconds between SIGTERM (/ready turns 503) and closing the listener")
@@ -108,7 +110,7 @@ def build_engine(args: argparse.Namespace, model_dir):
         return VLLMEngine(model_dir, name, tokenizer, args), name
     cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting,
-                       dtype=args.dtype, threads=args.threads)
+                       dtype=args.dtype, threads=args.threads, head=args.head)
     return TorchEngine(model_dir, name, tokenizer, cfg), name
 
 
