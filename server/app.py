@@ -22,6 +22,7 @@ from qserve.errors import QServeError
 from qserve.server.errors import APIError, error_response
 from qserve.server.metrics import Metrics
 from qserve.server.schemas import ChatCompletionRequest, CompletionRequest
+from qserve.server.security import SecurityMiddleware, SecuritySettings
 from qserve.tokenizer import encode_chat, encode_text
 
 log = logging.getLogger("qserve.server")
@@ -35,6 +36,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    request_timeout: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -52,7 +54,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(engine: Engine, model_name: str, start_engine: bool = True,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None,
+               security: SecuritySettings | None = None, request_timeout: float | None = None) -> FastAPI:
     """The app loads the engine in the background after start-up, so /health answers at once and
     /ready turns 200 when the model is in memory. `on_load_error` lets the CLI exit non-zero."""
     state = ServerState(engine, model_name)
@@ -86,6 +89,8 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
 
     app = FastAPI(title="qserve", version="0.1.0", lifespan=lifespan)
     app.state.qserve = state
+    app.add_middleware(SecurityMiddleware, settings=security or SecuritySettings())
+    state.request_timeout = request_timeout
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -130,6 +135,13 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
         state.metrics.running.set(s.get("running", 0))
         state.metrics.waiting.set(s.get("waiting", 0))
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/status")
+    async def admin_status() -> dict[str, Any]:
+        info = engine.info() if state.ready else None
+        return {"ready": state.ready, "draining": state.draining, "load_error": state.load_error,
+                "stats": engine.stats() if state.ready else {},
+                "engine": None if info is None else {k: v for k, v in info.__dict__.items()}}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -218,22 +230,25 @@ async def _generate(state: ServerState, request: Request, req: Any, prompt_ids: 
     created = int(time.time())
     t0 = time.monotonic()
 
+    timeout = state.request_timeout
+
     async def events() -> AsyncIterator[GenerationEvent]:
         last = None
         try:
-            async for ev in handle:
-                now = time.monotonic()
-                if ev.token_ids:
-                    m.generation_tokens.inc(len(ev.token_ids))
-                    if last is None:
-                        m.ttft.observe(now - t0)
-                    else:
-                        m.itl.observe(now - last)
-                    last = now
-                yield ev
+            async with asyncio.timeout(timeout):
+                async for ev in handle:
+                    now = time.monotonic()
+                    if ev.token_ids:
+                        m.generation_tokens.inc(len(ev.token_ids))
+                        if last is None:
+                            m.ttft.observe(now - t0)
+                        else:
+                            m.itl.observe(now - last)
+                        last = now
+                    yield ev
             m.e2e.observe(time.monotonic() - t0)
         finally:
-            if not handle.finished:
+            if not handle.finished:  # client went away, timed out, or the server is stopping
                 handle.cancel()
                 m.aborted.inc()
 
@@ -241,10 +256,24 @@ async def _generate(state: ServerState, request: Request, req: Any, prompt_ids: 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_sse(events(), rid, created, state.model_name, chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def watch_disconnect() -> None:
+        while not handle.finished:
+            if await request.is_disconnected():
+                handle.cancel()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch_disconnect())
     text, final = [], None
-    async for ev in events():
-        text.append(ev.text)
-        final = ev
+    try:
+        async for ev in events():
+            text.append(ev.text)
+            final = ev
+    except TimeoutError:
+        raise APIError(504, f"the request did not finish within {timeout} s", code="timeout") from None
+    finally:
+        watcher.cancel()
     assert final is not None
     if final.finish_reason == "error":
         raise APIError(500, final.error or "generation failed", code="internal_error")
@@ -275,19 +304,26 @@ async def _sse(events: AsyncIterator[GenerationEvent], rid: str, created: int, m
     if chat:
         yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
     final = None
-    async for ev in events:
-        final = ev
-        if ev.finish_reason == "error":
-            err = {"error": {"message": ev.error or "generation failed", "type": "internal_server_error",
-                             "code": "internal_error", "param": None}}
-            yield f"data: {json.dumps(err)}\n\n".encode()
-            break
-        if ev.text or ev.finish_reason:
+
+    def error_chunk(message: str, code: str) -> bytes:
+        err = {"error": {"message": message, "type": "internal_server_error", "code": code, "param": None}}
+        return f"data: {json.dumps(err)}\n\n".encode()
+
+    try:
+        async for ev in events:
+            final = ev
+            if ev.finish_reason == "error":
+                yield error_chunk(ev.error or "generation failed", "internal_error")
+                break
+            if not (ev.text or ev.finish_reason):
+                continue
             if chat:
                 delta = {"content": ev.text} if ev.text else {}
                 yield chunk({"index": 0, "delta": delta, "finish_reason": ev.finish_reason, "logprobs": None})
             else:
                 yield chunk({"index": 0, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": None})
+    except TimeoutError:
+        yield error_chunk("the request did not finish within its time limit", "timeout")
     if include_usage and final is not None:
         usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
                  "total_tokens": final.prompt_tokens + final.completion_tokens}

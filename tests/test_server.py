@@ -186,3 +186,54 @@ def test_sigterm_drains_inflight_streams(tiny_dir: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def secured(tiny_dir: Path):
+    from qserve.server.security import SecuritySettings
+
+    eng = TorchEngine(tiny_dir, "tiny", load_tokenizer(tiny_dir), EngineConfig(dtype="float32", max_model_len=256))
+    sec = SecuritySettings(api_keys=("key-one", "key-two"), admin_token="adm1n", max_body_bytes=2048)
+    with ThreadedServer(create_app(eng, "tiny", security=sec)) as s:
+        yield s
+
+
+def test_api_keys(secured) -> None:
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    url = secured.base + "/v1/completions"
+    assert httpx.post(url, json=body).status_code == 401
+    r = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for key in ("key-one", "key-two"):
+        assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=secured.base + "/v1", api_key="nope", max_retries=0).models.list()
+    for open_path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(secured.base + open_path).status_code == 200
+    assert "key-one" not in httpx.get(secured.base + "/metrics").text
+
+
+def test_admin_token_separate_from_api_keys(secured, server) -> None:
+    url = secured.base + "/admin/status"
+    assert httpx.get(url, headers={"Authorization": "Bearer key-one"}).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer adm1n"}).status_code == 200
+    r = httpx.get(server.base + "/admin/status", headers={"Authorization": "Bearer anything"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_body_limit(secured) -> None:
+    h = {"Authorization": "Bearer key-one"}
+    big = {"model": "tiny", "prompt": "x" * 5000, "max_tokens": 2}
+    r = httpx.post(secured.base + "/v1/completions", json=big, headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(10):
+            yield b"y" * 500
+        yield b'"}'
+
+    r = httpx.post(secured.base + "/v1/completions", content=chunks(), headers=h | {"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.post(secured.base + "/v1/completions", json={"model": "tiny", "prompt": "ok", "max_tokens": 2},
+                      headers=h).status_code == 200

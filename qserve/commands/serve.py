@@ -36,13 +36,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds between SIGTERM (/ready turns 503) and closing the listener")
     p.add_argument("--grace-period", type=float, default=float(_env("GRACE_PERIOD", "30")),
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require this key (Authorization: Bearer KEY) on /v1; repeat for several "
+                        "(env QSERVE_API_KEY, comma-separated)")
+    p.add_argument("--admin-token", default=_env("ADMIN_TOKEN"),
+                   help="token for /admin endpoints (env QSERVE_ADMIN_TOKEN); admin is disabled without one")
+    p.add_argument("--protect-metrics", action="store_true", help="require an API key on /metrics too")
+    p.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(4 * 1024 * 1024))))
+    p.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", "600")),
+                   help="seconds a request may take before it is cancelled (504 / error event)")
     p.add_argument("--self-test", action="store_true",
                    help="once ready, send one chat request to this server and print the answer")
     p.add_argument("--exit-after-self-test", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
-def _self_test(base: str, model: str, server, exit_after: bool) -> None:
+def _self_test(base: str, model: str, server, exit_after: bool, api_key: str | None) -> None:
     """Ask the running server one question over HTTP, as a user's client would."""
     import json
     import time
@@ -59,7 +68,8 @@ def _self_test(base: str, model: str, server, exit_after: bool) -> None:
     question = "What is the capital of France? Answer in one sentence."
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
                        "max_tokens": 48, "temperature": 0}).encode()
-    req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    req = urllib.request.Request(base + "/v1/chat/completions", body, headers)
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
@@ -165,7 +175,13 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(engine, name, on_load_error=on_load_error)
+    from qserve.server.security import SecuritySettings
+
+    keys = args.api_key or [k for k in (_env("API_KEY") or "").split(",") if k.strip()]
+    security = SecuritySettings(api_keys=tuple(k.strip() for k in keys), admin_token=args.admin_token or None,
+                                max_body_bytes=args.max_body_bytes, protect_metrics=args.protect_metrics)
+    app = create_app(engine, name, on_load_error=on_load_error, security=security,
+                     request_timeout=args.request_timeout or None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.grace_period)
     server = _graceful_server(config, app, args.drain_delay)
@@ -174,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
 
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         threading.Thread(target=_self_test, args=(f"http://{host}:{args.port}", name, server,
-                                                  args.exit_after_self_test), daemon=True).start()
+                                                  args.exit_after_self_test, next(iter(security.api_keys), None)),
+                         daemon=True).start()
     server.run()
     if failed:
         print(f"qserve serve: error: {failed[0]}", file=sys.stderr)
