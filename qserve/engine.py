@@ -196,7 +196,7 @@ class TorchEngine(Engine):
             logits = self.model(ids, Batch.make([seq.slot], [seq.done_prompt], n), self.cache)
             seq.done_prompt += n
             if seq.done_prompt == len(seq.prompt):
-                self._emit(seq, sample(logits[0], seq.params, seq.gen))
+                self._sample_and_emit(seq, logits[0])
         decoding = [s for s in self._running if s.done_prompt == len(s.prompt) and s.output]
         if decoding:
             decoding.sort(key=lambda s: s.slot)
@@ -204,7 +204,17 @@ class TorchEngine(Engine):
             batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1)
             logits = self.model(ids, batch, self.cache)
             for row, seq in enumerate(decoding):
-                self._emit(seq, sample(logits[row], seq.params, seq.gen))
+                self._sample_and_emit(seq, logits[row])
+
+    def _sample_and_emit(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """A failure here belongs to one request: it ends that one, not the batch."""
+        try:
+            token = sample(logits, seq.params, seq.gen)
+        except RuntimeError as e:
+            log.warning("sampling failed for %s: %s", seq.handle.request_id, e)
+            self._finish(seq, "error", error=f"sampling failed: {e}")
+            return
+        self._emit(seq, token)
 
     def _emit(self, seq: _Seq, token: int) -> None:
         p = seq.params

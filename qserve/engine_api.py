@@ -37,7 +37,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below ~1e-5 the scaled logits overflow to inf; the distribution is argmax anyway
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 @dataclass

@@ -28,7 +28,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
     if params.top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_p, -1)
-        keep = cum - sorted_p < params.top_p  # always keeps the most likely token
+        keep = cum - sorted_p < params.top_p
+        keep[..., 0] = True  # the most likely token always stays (top_p may underflow in fp32)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
     return int(torch.multinomial(probs, 1, generator=gen))

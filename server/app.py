@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,11 +21,26 @@ from qserve.engine_api import Engine, EngineBusy, GenerationEvent, RequestReject
 from qserve.errors import QServeError
 from qserve.server.errors import APIError, error_response
 from qserve.server.metrics import Metrics
-from qserve.server.schemas import ChatCompletionRequest, CompletionRequest
-from qserve.server.security import SecurityMiddleware, SecuritySettings
+from qserve.server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from qserve.server.security import BodyLimitMiddleware, SecuritySettings, check_admin, check_api_key
 from qserve.tokenizer import encode_chat, encode_text
 
 log = logging.getLogger("qserve.server")
+
+_ERR = {"model": ErrorResponse}
+# What each route can answer besides 200, so the OpenAPI schema tells clients the truth.
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _ERR | {"description": "Invalid request (malformed JSON, bad values, prompt over context)"},
+    401: _ERR | {"description": "Missing or wrong API key"},
+    404: _ERR | {"description": "Unknown model"},
+    413: _ERR | {"description": "Request body too large"},
+    429: _ERR | {"description": "Waiting queue full; retry after Retry-After seconds"},
+    503: _ERR | {"description": "Loading, draining or resizing"},
+    504: _ERR | {"description": "Request timed out"},
+}
+GEN_RESPONSES = API_ERRORS | {200: {"description": "A completion, or an SSE stream when stream=true",
+                                    "content": {"application/json": {}, "text/event-stream": {}}}}
+ADMIN_ERRORS = {401: API_ERRORS[401], 403: _ERR | {"description": "Admin endpoints disabled"}}
 
 
 @dataclass
@@ -87,9 +102,22 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
             await task
         await asyncio.to_thread(engine.shutdown)
 
+    sec = security or SecuritySettings()
+
+    def api_key(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
+        check_api_key(sec, authorization)
+
+    def admin(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
+        check_admin(sec, authorization)
+
+    def metrics_key(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
+        if sec.protect_metrics:
+            check_api_key(sec, authorization)
+
     app = FastAPI(title="qserve", version="0.1.0", lifespan=lifespan)
     app.state.qserve = state
-    app.add_middleware(SecurityMiddleware, settings=security or SecuritySettings())
+    app.add_middleware(BodyLimitMiddleware, limit=sec.max_body_bytes)
+    _narrow_schema(app, model_name, engine)
     state.request_timeout = request_timeout
 
     @app.exception_handler(RequestValidationError)
@@ -99,7 +127,7 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), code=None)
+        return error_response(exc.status_code, str(exc.detail), code=None, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)
     async def _on_api(request: Request, exc: APIError) -> JSONResponse:
@@ -122,37 +150,39 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "Loading, draining or failed"}})
     async def ready() -> JSONResponse:
         if state.ready and not state.draining:
             return JSONResponse({"status": "ready", "model": model_name})
         status = "draining" if state.draining else ("failed" if state.load_error else "loading")
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}},
+                                     401: API_ERRORS[401]}, dependencies=[Depends(metrics_key)])
     async def metrics() -> Response:
         s = engine.stats() if state.ready else {"running": 0, "waiting": 0}
         state.metrics.running.set(s.get("running", 0))
         state.metrics.waiting.set(s.get("waiting", 0))
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/admin/status")
+    @app.get("/admin/status", responses=ADMIN_ERRORS, dependencies=[Depends(admin)])
     async def admin_status() -> dict[str, Any]:
         info = engine.info() if state.ready else None
         return {"ready": state.ready, "draining": state.draining, "load_error": state.load_error,
                 "stats": engine.stats() if state.ready else {},
                 "engine": None if info is None else {k: v for k, v in info.__dict__.items()}}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: API_ERRORS[401]}, dependencies=[Depends(api_key)])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses={401: API_ERRORS[401], 404: API_ERRORS[404]},
+             dependencies=[Depends(api_key)])
     async def model(model_id: str) -> dict[str, Any]:
         _check_model(state, model_id)
         return _model_card(state)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GEN_RESPONSES, dependencies=[Depends(api_key)])
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         _check_serving(state)
         _check_model(state, req.model)
@@ -162,10 +192,15 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
             prompt_ids = encode_chat(engine.tokenizer, messages)
         except QServeError as e:
             raise APIError(400, str(e), code="invalid_value", param="messages") from e
+        for field_name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(req, field_name)
+            if value is not None and value > engine.max_model_len:
+                raise APIError(400, f"{field_name} must be at most the context length {engine.max_model_len}",
+                               code="invalid_value", param=field_name)
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await _generate(state, request, req, prompt_ids, max_tokens, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GEN_RESPONSES, dependencies=[Depends(api_key)])
     async def completions(req: CompletionRequest, request: Request) -> Response:
         _check_serving(state)
         _check_model(state, req.model)
@@ -177,9 +212,41 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
             prompt_ids = list(p)
         else:
             prompt_ids = encode_text(engine.tokenizer, p[0] if isinstance(p, list) else p)
-        return await _generate(state, request, req, prompt_ids, req.max_tokens or 16, chat=False)
+        echo = engine.tokenizer.decode(prompt_ids, skip_special_tokens=True) if req.echo else ""
+        return await _generate(state, request, req, prompt_ids, req.max_tokens or 16, chat=False, echo=echo)
 
     return app
+
+
+def _narrow_schema(app: FastAPI, model_name: str, engine: Engine) -> None:
+    """The schema states this server's real limits: the one model it serves, max_tokens up to the
+    context length, token ids inside the vocabulary. (Prompt + max_tokens over the context is a
+    cross-field limit JSON Schema cannot express: that stays a documented 400.)"""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for comp in schema.get("components", {}).get("schemas", {}).values():
+                props = comp.get("properties", {})
+                if not comp.get("title", "").endswith("Request") or "model" not in props:
+                    continue
+                props["model"]["enum"] = [model_name]
+                for name in ("max_tokens", "max_completion_tokens"):
+                    for alt in props.get(name, {}).get("anyOf", []):
+                        if alt.get("type") == "integer":
+                            alt["maximum"] = engine.max_model_len
+                for alt in props.get("prompt", {}).get("anyOf", []):
+                    if alt.get("type") == "array" and alt.get("items", {}).get("type") == "integer":
+                        alt["items"]["maximum"] = len(engine.tokenizer) - 1
+            for op in schema.get("paths", {}).get("/v1/models/{model_id}", {}).values():
+                for param in op.get("parameters", []):
+                    if param.get("name") == "model_id":
+                        param["schema"]["enum"] = [model_name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
@@ -205,7 +272,7 @@ def _check_serving(state: ServerState) -> None:
 
 
 async def _generate(state: ServerState, request: Request, req: Any, prompt_ids: list[int],
-                    max_tokens: int | None, chat: bool) -> Response:
+                    max_tokens: int | None, chat: bool, echo: str = "") -> Response:
     engine = state.engine
     limit = engine.max_model_len
     if len(prompt_ids) >= limit:
@@ -254,7 +321,7 @@ async def _generate(state: ServerState, request: Request, req: Any, prompt_ids: 
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(events(), rid, created, state.model_name, chat, include_usage),
+        return StreamingResponse(_sse(events(), rid, created, state.model_name, chat, include_usage, echo),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def watch_disconnect() -> None:
@@ -285,13 +352,13 @@ async def _generate(state: ServerState, request: Request, req: Any, prompt_ids: 
                   "finish_reason": final.finish_reason, "logprobs": None}
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": state.model_name, "choices": [choice], "usage": usage})
-    choice = {"index": 0, "text": content, "finish_reason": final.finish_reason, "logprobs": None}
+    choice = {"index": 0, "text": echo + content, "finish_reason": final.finish_reason, "logprobs": None}
     return JSONResponse({"id": rid, "object": "text_completion", "created": created,
                          "model": state.model_name, "choices": [choice], "usage": usage})
 
 
 async def _sse(events: AsyncIterator[GenerationEvent], rid: str, created: int, model: str, chat: bool,
-               include_usage: bool) -> AsyncIterator[bytes]:
+               include_usage: bool, echo: str = "") -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
@@ -303,6 +370,8 @@ async def _sse(events: AsyncIterator[GenerationEvent], rid: str, created: int, m
 
     if chat:
         yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    elif echo:
+        yield chunk({"index": 0, "text": echo, "finish_reason": None, "logprobs": None})
     final = None
 
     def error_chunk(message: str, code: str) -> bytes:

@@ -10,11 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_STOP = 4
 MAX_STOP_LEN = 256
 MAX_MESSAGES = 1024
-MAX_LOGIT_BIAS = 300
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -48,38 +47,22 @@ class _SamplingFields(_Strict):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]] | None = None
+    stop: (Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]
+           | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]], Field(max_length=MAX_STOP)]
+           | None) = None
     seed: int | None = None
     user: str | None = Field(default=None, max_length=256)
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    logit_bias: dict[str, float] | None = None
+    # accepted for client compatibility, but only at their neutral values: qserve does not
+    # implement penalties or logit bias, and says so in the schema rather than ignoring them
+    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
     ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            if not v or len(v) > MAX_STOP_LEN:
-                raise ValueError(f"stop strings must be 1..{MAX_STOP_LEN} characters")
-            return [v]
-        if v is not None and len(v) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v: Any) -> Any:
-        if v:
-            raise ValueError("logit_bias is not supported by qserve")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("presence/frequency penalties are not supported by qserve")
-        return v
+        return [v] if isinstance(v, str) else v
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -88,21 +71,22 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int]
-    echo: Literal[False] = False
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if len(v) == 0:
-                raise ValueError("prompt must not be empty")
-            if isinstance(v[0], str) and len(v) != 1:
-                raise ValueError("only one prompt per request (a list of one string) is supported")
-        elif v == "":
-            raise ValueError("prompt must not be empty")
-        return v
+    prompt: (Annotated[str, Field(min_length=1)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+             | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)])
+    echo: bool = False
 
 
 class BudgetRequest(_Strict):
     memory_budget: str | int = Field(description="bytes, or a size such as '3GiB', or 'auto'")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -6,11 +6,11 @@ Keys are compared in constant time and never logged or exported as metrics.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qserve.server.errors import error_response
+from qserve.server.errors import APIError, error_response
 
 
 @dataclass(frozen=True)
@@ -19,15 +19,12 @@ class SecuritySettings:
     admin_token: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     protect_metrics: bool = False
-    open_paths: tuple[str, ...] = field(default=("/health", "/ready"))
 
 
-def _bearer(scope: Scope) -> str | None:
-    for k, v in scope.get("headers", ()):
-        if k == b"authorization":
-            text = v.decode("latin-1")
-            return text[7:].strip() if text[:7].lower() == "bearer " else None
-    return None
+def _parse_bearer(header: str | None) -> str | None:
+    if not header or header[:7].lower() != "bearer ":
+        return None
+    return header[7:].strip()
 
 
 def _matches(token: str | None, keys: tuple[str, ...]) -> bool:
@@ -39,24 +36,32 @@ def _matches(token: str | None, keys: tuple[str, ...]) -> bool:
     return ok
 
 
-class SecurityMiddleware:
+def check_api_key(settings: SecuritySettings, authorization: str | None) -> None:
+    if settings.api_keys and not _matches(_parse_bearer(authorization), settings.api_keys):
+        raise APIError(401, "Incorrect or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_admin(settings: SecuritySettings, authorization: str | None) -> None:
+    if not settings.admin_token:
+        raise APIError(403, "admin endpoints are disabled: start the server with --admin-token", code="admin_disabled")
+    if not _matches(_parse_bearer(authorization), (settings.admin_token,)):
+        raise APIError(401, "a valid admin token is required (Authorization: Bearer ...)", code="invalid_admin_token")
+
+
+class BodyLimitMiddleware:
     """Pure ASGI middleware (it must see streaming bodies, so not BaseHTTPMiddleware)."""
 
-    def __init__(self, app: ASGIApp, settings: SecuritySettings):
+    def __init__(self, app: ASGIApp, limit: int):
         self.app = app
-        self.s = settings
+        self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        denied = self._check_auth(path, scope)
-        if denied is not None:
-            await denied(scope, receive, send)
-            return
+        limit = self.limit
         length = dict(scope.get("headers", ())).get(b"content-length")
-        limit = self.s.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             await error_response(413, f"request body exceeds {limit} bytes", code="body_too_large")(scope, receive, send)
             return
@@ -82,18 +87,3 @@ class SecurityMiddleware:
                 await send(msg)
 
         await self.app(scope, limited_receive, guarded_send)
-
-    def _check_auth(self, path: str, scope: Scope):
-        if path.startswith("/admin"):
-            if not self.s.admin_token:
-                return error_response(403, "admin endpoints are disabled: start the server with --admin-token",
-                                      code="admin_disabled")
-            if not _matches(_bearer(scope), (self.s.admin_token,)):
-                return error_response(401, "a valid admin token is required (Authorization: Bearer ...)",
-                                      code="invalid_admin_token")
-            return None
-        needs_key = path.startswith("/v1") or (path == "/metrics" and self.s.protect_metrics)
-        if needs_key and self.s.api_keys and not _matches(_bearer(scope), self.s.api_keys):
-            return error_response(401, "Incorrect or missing API key (Authorization: Bearer ...)",
-                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return None
