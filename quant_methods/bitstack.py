@@ -16,13 +16,15 @@ Blocks of all linears are ranked into one global stack (see bitstack_stack.py); 
 N blocks gives a model of any size.
 
 Runtime (`qserve-bitstack`): a layer keeps only its packed blocks resident. Each forward
-reconstructs the layer's dense weight, Σ_i sign_i ⊙ (u_i v_iᵀ), into one scratch buffer shared by
-all BitStack layers (so one layer's dense weight exists at a time, never the whole model's), then
-runs one F.linear. bench/bitstack_kernels.py measured this against the sign × low-rank matmul
+reconstructs the layer's dense weight, Σ_i sign_i ⊙ (u_i v_iᵀ), chunk by chunk of ~1M weights into
+one scratch buffer shared by all BitStack layers, and multiplies each chunk as soon as it is
+built: no dense weight exists beyond one chunk, never a layer's, never the whole model's.
+bench/bitstack_kernels.py measured this against the sign × low-rank matmul
 (y = Σ_i u_i ⊙ (S_i (x ⊙ v_i)) summed over the rank): reconstruction is faster at every batch
-size, since its cost does not grow with the tokens in the call. The scratch (dense weight, one
-low-rank product, unpacked signs, their byte indices) is sized by the largest layer and counted
-by `scratch_bytes()`; a layer's `weight_bytes()` counts its blocks and bias only.
+size, since its cost does not grow with the tokens in the call. The scratch (dense chunk, one
+low-rank product, unpacked signs, their byte indices; ~6.5 MiB in bf16 for any model with layers
+of 1M+ weights) is counted by `scratch_bytes()`; a layer's `weight_bytes()` counts its blocks and
+bias only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import contextlib
 import contextvars
 import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ DEFAULT_BLOCKS = 16
 DEFAULT_RANK = 16
 SVD_NITER = 4  # power iterations of the randomized SVD: within 2% of the exact SVD's error, 10x faster
 MIN_SCALE = 1e-3  # floor of the normalised activation scale, so v/s stays finite for dead channels
+CHUNK_ELEMS = 2**20  # weights reconstructed per step of a forward (2 MiB in bf16)
 
 
 # --- packed signs ---------------------------------------------------------------------------------
@@ -103,11 +106,11 @@ def block_nbytes(out_features: int, in_features: int, rank: int) -> int:
 
 
 def reconstruct_into(out: torch.Tensor, blocks: Sequence[Block], tmp: torch.Tensor, signs: torch.Tensor,
-                     index: torch.Tensor) -> torch.Tensor:
-    """out [N, K] <- Σ_i sign_i ⊙ (u_i v_iᵀ) in out.dtype, with no allocation.
+                     index: torch.Tensor, row0: int = 0) -> torch.Tensor:
+    """out [n, K] <- rows row0..row0+n of Σ_i sign_i ⊙ (u_i v_iᵀ), in out.dtype, allocating nothing.
 
-    `tmp` [N, K] holds one low-rank product, `signs` [N * row_bytes, 8] one block's unpacked signs
-    and `index` [N * row_bytes] int32 its bytes (index_select wants integer indices).
+    `tmp` [n, K] holds one low-rank product, `signs` [n * row_bytes, 8] one block's unpacked signs
+    and `index` [n * row_bytes] int32 its bytes (index_select wants integer indices).
     """
     n, k = out.shape
     if not blocks:
@@ -115,8 +118,8 @@ def reconstruct_into(out: torch.Tensor, blocks: Sequence[Block], tmp: torch.Tens
     lut = _sign_lut(out.dtype)
     s = signs.view(n, -1)[:, :k]
     for i, b in enumerate(blocks):
-        torch.mm(b.u.to(out.dtype), b.v.to(out.dtype).t(), out=tmp)
-        index.copy_(b.signs.view(-1))
+        torch.mm(b.u[row0:row0 + n].to(out.dtype), b.v.to(out.dtype).t(), out=tmp)
+        index.copy_(b.signs[row0:row0 + n].view(-1))
         torch.index_select(lut, 0, index, out=signs)
         if i == 0:
             torch.mul(tmp, s, out=out)
@@ -181,17 +184,21 @@ def release_scratch() -> None:
     _POOL.clear()
 
 
-def planned_scratch_bytes(fused: Sequence[tuple[int, Sequence[int]]], dtype: torch.dtype) -> int:
-    """Scratch bytes a model needs: `fused` lists (in_features, part out_features) per BitStackLinear.
+def chunk_rows(out_features: int, in_features: int) -> int:
+    """Rows reconstructed at a time: about CHUNK_ELEMS weights, so the scratch stays the same size
+    whatever the model (and one chunk's weights stay in cache for the matmul that reads them)."""
+    return max(1, min(out_features, CHUNK_ELEMS // in_features))
 
-    Mirrors BitStackLinear.forward: the fused dense weight, then per part a low-rank product,
-    unpacked signs and int32 byte indices; each buffer is sized by the largest layer.
-    """
+
+def planned_scratch_bytes(shapes: Iterable[tuple[int, int]], dtype: torch.dtype) -> int:
+    """Scratch bytes BitStackLinear.forward allocates for linears of these (out, in) shapes: per
+    chunk the dense rows, one low-rank product, the unpacked signs (dtype) and their int32 bytes."""
     size = torch.empty((), dtype=dtype).element_size()
-    w = max(k * sum(outs) for k, outs in fused)
-    t = max(k * n for k, outs in fused for n in outs)
-    s = max(sign_row_bytes(k) * 8 * n for k, outs in fused for n in outs)
-    return size * (w + t + s) + 4 * (s // 8)
+    dense = sign = 0
+    for n, k in shapes:
+        c = chunk_rows(n, k)
+        dense, sign = max(dense, c * k), max(sign, c * sign_row_bytes(k))
+    return size * (2 * dense + 8 * sign) + 4 * sign
 
 
 # --- runtime --------------------------------------------------------------------------------------
@@ -303,21 +310,26 @@ class BitStackLinear(QuantLinear):
     @classmethod
     def concat_stored(cls, parts, qcfg):
         """Fuse by prefixing each projection's tensors with p<j>.: every part keeps its own blocks
-        (its own place in the stack) and reconstructs into its rows of one fused weight."""
+        (its own place in the stack); the layer concatenates the parts' outputs."""
         return {f"p{j}.{k}": v for j, p in enumerate(parts) for k, v in p.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt, k = self.dtype, self.in_features
+        rb = sign_row_bytes(k)
+        xx = x.to(dt)
+        ys = []
         with _POOL.lock:
-            w = _POOL.take("w", self.out_features * k, dt).view(self.out_features, k)
-            row = 0
             for p in self.parts:
-                n, rb = p.out_features, sign_row_bytes(k)
-                reconstruct_into(w[row:row + n], p.blocks(), _POOL.take("t", n * k, dt).view(n, k),
-                                 _POOL.take("s", n * rb * 8, dt).view(-1, 8),
-                                 _POOL.take("i", n * rb, torch.int32))
-                row += n
-            y = F.linear(x.to(dt), w, self.bias)
+                blocks, rows = p.blocks(), chunk_rows(p.out_features, k)
+                for r0 in range(0, p.out_features, rows):
+                    n = min(rows, p.out_features - r0)
+                    w = _POOL.take("w", n * k, dt).view(n, k)
+                    reconstruct_into(w, blocks, _POOL.take("t", n * k, dt).view(n, k),
+                                     _POOL.take("s", n * rb * 8, dt).view(-1, 8), _POOL.take("i", n * rb, torch.int32), r0)
+                    ys.append(F.linear(xx, w))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, -1)
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(x.dtype)
 
     def weight_bytes(self) -> int:

@@ -49,7 +49,6 @@ ORDERS = ("relative", "output")
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8",
               torch.int32: "I32", torch.int64: "I64"}
-_ST_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 @dataclass
@@ -240,36 +239,27 @@ class BitStackStack:
     def stack_bytes(self, n: int) -> int:
         return self._cum[n]
 
-    def base_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Resident bytes of everything but the blocks (embedding, norms, head, biases) in `dtype`;
-        a tied head shares the embedding's storage."""
-        size = torch.empty((), dtype=dtype).element_size()
-        total = 0
-        for name, meta in self._header.items():
-            if name == "__metadata__" or ".bitstack." in name:
-                continue
-            numel = 1
-            for d in meta["shape"]:
-                numel *= d
-            total += numel * (size if meta["dtype"] in ("BF16", "F16", "F32", "F64") else _ST_SIZES[meta["dtype"]])
-        return total
+    def base_bytes(self, dtype: torch.dtype = torch.bfloat16, int8_head: bool = False) -> int:
+        """Resident bytes of everything but the blocks (embedding, norms, head, biases) in `dtype`,
+        with the output head as the engine builds it (int8_head: qserve serve --head)."""
+        from qserve.planner import resident_weight_bytes
+
+        return resident_weight_bytes(self.dir, dtype, int8_head)
 
     def scratch_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        groups: dict[str, tuple[int, list[int]]] = {}
-        for layer in self.layers:
-            groups.setdefault(layer["group"], (layer["in"], []))[1].append(layer["out"])
-        return planned_scratch_bytes(list(groups.values()), dtype)
+        return planned_scratch_bytes([(layer["out"], layer["in"]) for layer in self.layers], dtype)
 
-    def resident_bytes(self, n: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    def resident_bytes(self, n: int, dtype: torch.dtype = torch.bfloat16, int8_head: bool = False) -> int:
         """Weight bytes a model holding the first n blocks keeps resident: blocks, the rest of the
         weights, and the reconstruction scratch."""
         self._check_n(n)
-        return self.base_bytes(dtype) + self.stack_bytes(n) + self.scratch_bytes(dtype)
+        return self.base_bytes(dtype, int8_head) + self.stack_bytes(n) + self.scratch_bytes(dtype)
 
-    def blocks_for_budget(self, weight_bytes_budget: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    def blocks_for_budget(self, weight_bytes_budget: int, dtype: torch.dtype = torch.bfloat16,
+                          int8_head: bool = False) -> int:
         """The most blocks whose resident bytes fit the budget (BudgetError when even the smallest
         model, one block per linear, does not)."""
-        fixed = self.base_bytes(dtype) + self.scratch_bytes(dtype)
+        fixed = self.base_bytes(dtype, int8_head) + self.scratch_bytes(dtype)
         smallest = fixed + self._cum[self.min_blocks]
         if weight_bytes_budget < smallest:
             raise BudgetError(f"the smallest BitStack model of {self.dir.name} ({self.min_blocks} blocks) needs "
@@ -290,12 +280,14 @@ class BitStackStack:
 
     # --- live model -----------------------------------------------------------------------------
 
-    def load_model(self, n: int | None = None, dtype: torch.dtype = torch.bfloat16, max_len: int = 2048):
-        """The model holding the first n blocks (all when None), loaded through qserve.model."""
+    def load_model(self, n: int | None = None, dtype: torch.dtype = torch.bfloat16, max_len: int = 2048,
+                   int8_head: bool = False):
+        """The model holding the first n blocks (all when None), loaded through qserve.model.
+        While it loads, each linear reads all its stored blocks and keeps the first k_i."""
         from qserve.model import load_model
 
         with load_blocks(self.blocks_per_layer(self.total_blocks if n is None else n)):
-            return load_model(self.dir, dtype, max_len)
+            return load_model(self.dir, dtype, max_len, int8_head=int8_head)
 
     def parts(self, model: torch.nn.Module) -> list[BitStackPart]:
         """The model's stack layers, indexed by layer id (checks the model is this checkpoint's)."""
