@@ -54,6 +54,7 @@ class EngineConfig:
     threads: int | None = None
     head: str = "auto"  # "int8", "model" (as stored), or "auto": int8 for quantized checkpoints
     kv_format: str = "model"  # a name registered in qserve.kvcache (the compute dtype by default)
+    bitstack_blocks: int | None = None  # BitStack checkpoints: blocks of the stack to load (None: all)
     attention: str = "sdpa"  # a name registered in qserve.attention
 
 
@@ -91,6 +92,9 @@ class TorchEngine(Engine):
         self._running: list[_Seq] = []
         self._free_slots: list[int] = list(range(cfg.max_num_seqs))
         self._thread: threading.Thread | None = None
+        self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._pending: dict[str, Any] | None = None
+        self.stack = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self.steps = 0
@@ -99,14 +103,86 @@ class TorchEngine(Engine):
     def start(self) -> None:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        int8_head = self.cfg.head == "int8" or (self.cfg.head == "auto" and self.mcfg.quant_method is not None)
-        self.model = load_model(self.model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
+        self.model = self._load(self.model_dir, self.cfg.bitstack_blocks)
         self.model.attention = get_attention(self.cfg.attention)
         m = self.mcfg
         self.cache = get_kv_format(self.cfg.kv_format)(
             m.num_layers, self.cfg.max_num_seqs, self.max_model_len, m.num_kv_heads, m.head_dim, self.dtype)
         self._thread = threading.Thread(target=self._loop, name="qserve-engine", daemon=True)
         self._thread.start()
+
+    def _load(self, model_dir: Path, blocks: int | None) -> CausalLM:
+        cfg = load_config(model_dir)
+        int8_head = self.cfg.head == "int8" or (self.cfg.head == "auto" and cfg.quant_method is not None)
+        if cfg.quant_method == "qserve-bitstack":
+            from qserve.quant_methods.bitstack_stack import BitStackStack
+
+            self.stack = BitStackStack(model_dir)
+            return self.stack.load_model(blocks, self.dtype, self.max_model_len, int8_head=int8_head)
+        self.stack = None
+        return load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
+
+    def resident_weight_bytes(self) -> int:
+        if self.model is None:
+            return 0
+        if self.stack is not None:
+            return self.stack.resident_model_bytes(self.model, self.dtype)
+        return self.model.weight_bytes()
+
+    def reconfigure(self, model_dir: Path, blocks: int | None, timeout: float = 300.0) -> dict[str, Any]:
+        """Serve `model_dir` (holding `blocks` of its BitStack stack) from now on, without a restart.
+
+        Same BitStack checkpoint: blocks are loaded or dropped in place between two engine steps;
+        running requests go on with the new weights. Another checkpoint: new requests wait in the
+        queue while running ones finish (drain), then the new model is loaded and replaces the old.
+        Runs on the engine thread; blocks the caller until done. No request fails.
+        """
+        done = threading.Event()
+        cmd = {"dir": Path(model_dir), "blocks": blocks, "done": done, "result": None, "error": None}
+        self._commands.put(cmd)
+        self._inbox.put(None)  # wake an idle loop
+        if not done.wait(timeout):
+            raise EngineBusy("the resize did not finish in time; it continues in the background", status=503)
+        if cmd["error"] is not None:
+            raise cmd["error"]
+        return cmd["result"]
+
+    def _run_command(self) -> bool:
+        """Apply the pending reconfiguration if it can run now; True while one is pending."""
+        if self._pending is None:
+            try:
+                self._pending = self._commands.get_nowait()
+            except queue.Empty:
+                return False
+            self._pending["t0"] = time.perf_counter()
+        cmd = self._pending
+        in_place = self.stack is not None and cmd["dir"].resolve() == self.model_dir.resolve()
+        if not in_place and self._running:
+            return True  # drain first: running requests finish, waiting ones stay queued
+        try:
+            if in_place:
+                n = cmd["blocks"] if cmd["blocks"] is not None else self.stack.total_blocks
+                report = self.stack.apply(self.model, n)
+                mode = f"in place: +{report.added} / -{report.dropped} blocks, {report.bytes_read} bytes read"
+            else:
+                new_cfg = load_config(cmd["dir"])
+                if (new_cfg.num_layers, new_cfg.kv_dim, new_cfg.vocab_size) != (
+                        self.mcfg.num_layers, self.mcfg.kv_dim, self.mcfg.vocab_size):
+                    raise RequestRejected(f"{cmd['dir']} is not a variant of the served model")
+                self.model = None  # let the old weights go before the new ones load
+                self.model = self._load(cmd["dir"], cmd["blocks"])
+                self.model.attention = get_attention(self.cfg.attention)
+                self.model_dir, self.mcfg = cmd["dir"], new_cfg
+                mode = "reloaded after draining"
+            cmd["result"] = {"model_dir": str(self.model_dir), "quant_method": self.mcfg.quant_method or "none",
+                             "blocks": cmd["blocks"], "weight_bytes": self.resident_weight_bytes(),
+                             "seconds": time.perf_counter() - cmd["t0"], "mode": mode}
+        except Exception as e:  # reported to the caller; the engine keeps serving what it has
+            log.exception("reconfiguration failed")
+            cmd["error"] = e
+        self._pending = None
+        cmd["done"].set()
+        return False
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -119,8 +195,9 @@ class TorchEngine(Engine):
             engine="torch", model_id=self.model_id, model_dir=str(self.model_dir),
             quant_method=self.mcfg.quant_method or "none", dtype=str(self.dtype).removeprefix("torch."),
             max_model_len=self.max_model_len, max_num_seqs=self.cfg.max_num_seqs,
-            weight_bytes=self.model.weight_bytes() if self.model else 0,
+            weight_bytes=self.resident_weight_bytes(),
             kv_cache_bytes=self.cache.nbytes() if self.cache else 0,
+            extra={"blocks": self.stack.current_blocks(self.model) if self.stack is not None and self.model else None},
         )
 
     def stats(self) -> dict[str, float]:
@@ -164,7 +241,9 @@ class TorchEngine(Engine):
                     except queue.Empty:
                         item = None
                 self._reap_cancelled()
-                while self._waiting and self._free_slots:
+            draining = self._run_command()
+            with self._lock:
+                while self._waiting and self._free_slots and not draining:
                     seq = self._waiting.popleft()
                     seq.slot = self._free_slots.pop(0)
                     self._running.append(seq)

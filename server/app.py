@@ -18,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qserve.engine_api import Engine, EngineBusy, GenerationEvent, RequestRejected, SamplingParams
-from qserve.errors import QServeError
+from qserve.errors import BudgetError, QServeError
 from qserve.server.errors import APIError, error_response
 from qserve.server.metrics import Metrics
-from qserve.server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from qserve.server.schemas import BudgetRequest, ChatCompletionRequest, CompletionRequest, ErrorResponse
 from qserve.server.security import BodyLimitMiddleware, SecuritySettings, check_admin, check_api_key
 from qserve.tokenizer import encode_chat, encode_text
 
@@ -70,7 +70,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def create_app(engine: Engine, model_name: str, start_engine: bool = True,
                on_load_error: Callable[[str], None] | None = None,
-               security: SecuritySettings | None = None, request_timeout: float | None = None) -> FastAPI:
+               security: SecuritySettings | None = None, request_timeout: float | None = None,
+               budget: Any = None) -> FastAPI:
     """The app loads the engine in the background after start-up, so /health answers at once and
     /ready turns 200 when the model is in memory. `on_load_error` lets the CLI exit non-zero."""
     state = ServerState(engine, model_name)
@@ -82,6 +83,7 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
             state.metrics.weight_bytes.set(info.weight_bytes)
             state.metrics.kv_bytes.set(info.kv_cache_bytes)
             state.metrics.quant.labels(model_name, info.quant_method, info.engine, info.dtype).set(1)
+            _set_budget_gauges(state, budget)
             state.ready = True
             log.info("model %s ready (%s, %.1f MB weights)", model_name, info.quant_method, info.weight_bytes / 1e6)
         except QServeError as e:
@@ -172,6 +174,38 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
                 "stats": engine.stats() if state.ready else {},
                 "engine": None if info is None else {k: v for k, v in info.__dict__.items()}}
 
+    @app.get("/admin/memory-budget", responses=ADMIN_ERRORS, dependencies=[Depends(admin)])
+    async def get_budget() -> dict[str, Any]:
+        if budget is None:
+            raise APIError(404, "this engine cannot change its memory budget", code="not_supported")
+        return budget.status() | {"weight_bytes": engine.info().weight_bytes if state.ready else 0}
+
+    @app.put("/admin/memory-budget", responses=ADMIN_ERRORS | {400: API_ERRORS[400], 503: API_ERRORS[503]},
+             dependencies=[Depends(admin)])
+    async def put_budget(req: BudgetRequest) -> dict[str, Any]:
+        """Plan for the new budget and switch to it while serving: BitStack blocks are loaded or
+        dropped in place; another variant is loaded after running requests drain. New requests
+        wait in the queue meanwhile; none fail."""
+        from qserve.budget import budget_bytes
+
+        if budget is None:
+            raise APIError(404, "this engine cannot change its memory budget", code="not_supported")
+        _check_serving(state)
+        try:
+            n = budget_bytes(req.memory_budget)
+            t0 = time.monotonic()
+            result = await asyncio.to_thread(budget.resize, engine, n)
+        except EngineBusy as e:
+            raise APIError(503, str(e), code="resize_timeout", headers={"Retry-After": "5"}) from e
+        except BudgetError as e:
+            raise APIError(400, str(e), code="budget_too_small", param="memory_budget") from e
+        except QServeError as e:
+            raise APIError(400, str(e), code="invalid_value", param="memory_budget") from e
+        state.metrics.resizes.inc()
+        state.metrics.resize_seconds.observe(time.monotonic() - t0)
+        _set_budget_gauges(state, budget)
+        return result
+
     @app.get("/v1/models", responses={401: API_ERRORS[401]}, dependencies=[Depends(api_key)])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(state)]}
@@ -216,6 +250,14 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
         return await _generate(state, request, req, prompt_ids, req.max_tokens or 16, chat=False, echo=echo)
 
     return app
+
+
+def _set_budget_gauges(state: ServerState, budget: Any) -> None:
+    info = state.engine.info()
+    state.metrics.weight_bytes.set(info.weight_bytes)
+    if budget is not None:
+        state.metrics.budget.set(budget.budget or 0)
+        state.metrics.blocks.set(info.extra.get("blocks") or 0)
 
 
 def _narrow_schema(app: FastAPI, model_name: str, engine: Engine) -> None:

@@ -26,4 +26,8 @@ class Metrics:
         self.quant = Gauge("qserve_model_info", "Served model (value 1), labelled by quantization method",
                            ["model", "quant_method", "engine", "dtype"], registry=r)
         self.budget = Gauge("qserve_memory_budget_bytes", "Memory budget in force (0: none)", registry=r)
+        self.blocks = Gauge("qserve_bitstack_blocks", "BitStack blocks loaded (0: not a BitStack model)", registry=r)
+        self.resizes = Counter("qserve_resizes", "Memory-budget changes applied", registry=r)
+        self.resize_seconds = Histogram("qserve_resize_seconds", "Budget change to new size serving",
+                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.aborted = Counter("qserve_requests_aborted", "Requests aborted by client disconnect", registry=r)

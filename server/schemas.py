@@ -78,7 +78,8 @@ class CompletionRequest(_SamplingFields):
 
 
 class BudgetRequest(_Strict):
-    memory_budget: str | int = Field(description="bytes, or a size such as '3GiB', or 'auto'")
+    memory_budget: Annotated[str, Field(min_length=1, max_length=64)] | Annotated[int, Field(ge=1)] = Field(
+        description="bytes, or a size such as '3GiB', or 'auto'")
 
 
 class ErrorDetail(BaseModel):

@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
                    help="model id clients send (default: the directory name)")
+    p.add_argument("--memory-budget", default=_env("MEMORY_BUDGET"),
+                   help="serve the best variant that fits: bytes, a size (3GiB) or 'auto' (the container's "
+                        "memory limit); MODEL may be a family directory of variants (see qserve plan)")
     p.add_argument("--engine", choices=["torch", "vllm"], default=_env("ENGINE", "torch"))
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_env("DTYPE", "auto"))
     p.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", "2048")))
@@ -104,7 +107,24 @@ def resolve_model(source: str):
         raise CheckpointError(f"cannot resolve model {source!r}: {e}") from e
 
 
-def build_engine(args: argparse.Namespace, model_dir):
+def plan_start(args: argparse.Namespace, model_dir):
+    """The budget controller and the variant to start with (model_dir itself when no budget)."""
+    from qserve.budget import BudgetController, budget_bytes
+    from qserve.engine import DTYPES
+
+    dtype = DTYPES.get(args.dtype, DTYPES["bfloat16"])
+    ctl = BudgetController(model_dir, args.max_model_len, args.max_num_seqs, dtype, args.head)
+    if args.memory_budget is None:
+        if not (model_dir / "config.json").is_file():
+            args.memory_budget = "auto"  # a family directory: choose what fits this machine
+        else:
+            return ctl, model_dir, None
+    choice = ctl.start(budget_bytes(args.memory_budget))
+    print(f"memory budget {ctl.status()['budget_human']}: serving {choice.name}\n{ctl.plan.table()}", file=sys.stderr)
+    return ctl, choice.dir, choice.blocks
+
+
+def build_engine(args: argparse.Namespace, model_dir, blocks=None):
     from qserve.checkpoint import Checkpoint
     from qserve.config import load_config
     from qserve.engine import EngineConfig, TorchEngine
@@ -120,7 +140,7 @@ def build_engine(args: argparse.Namespace, model_dir):
         return VLLMEngine(model_dir, name, tokenizer, args), name
     cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting,
-                       dtype=args.dtype, threads=args.threads, head=args.head)
+                       dtype=args.dtype, threads=args.threads, head=args.head, bitstack_blocks=blocks)
     return TorchEngine(model_dir, name, tokenizer, cfg), name
 
 
@@ -165,8 +185,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise ConfigError("no model given (argument or QSERVE_MODEL)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_dir = resolve_model(args.model)
-    engine, name = build_engine(args, model_dir)
+    family_dir = resolve_model(args.model)
+    budget, model_dir, blocks = plan_start(args, family_dir)
+    engine, name = build_engine(args, model_dir, blocks)
+    if args.served_model_name is None and model_dir != family_dir:
+        name = family_dir.name
     failed: list[str] = []
     server: uvicorn.Server | None = None
 
@@ -181,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     security = SecuritySettings(api_keys=tuple(k.strip() for k in keys), admin_token=args.admin_token or None,
                                 max_body_bytes=args.max_body_bytes, protect_metrics=args.protect_metrics)
     app = create_app(engine, name, on_load_error=on_load_error, security=security,
-                     request_timeout=args.request_timeout or None)
+                     request_timeout=args.request_timeout or None, budget=budget if args.engine == "torch" else None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             timeout_graceful_shutdown=args.grace_period)
     server = _graceful_server(config, app, args.drain_delay)
