@@ -87,7 +87,7 @@ def check_chat(client: openai.OpenAI, model: str) -> str:
     return text
 
 
-def check_metrics(base: str, headers: dict[str, str]) -> int:
+def check_metrics(base: str, headers: dict[str, str], limit_bytes: int) -> str:
     status, body = http_status(f"{base}/metrics", headers)
     check(status == 200, f"/metrics answered {status}")
     families = list(text_string_to_metric_families(body))
@@ -100,7 +100,11 @@ def check_metrics(base: str, headers: dict[str, str]) -> int:
         if s.name == "qserve_requests_total" and s.labels.get("endpoint") == "/v1/chat/completions"
     ]
     check(sum(chat) >= 1, "qserve_requests_total did not count the chat completion")
-    return len(families)
+    budget = [s.value for f in families for s in f.samples if s.name == "qserve_memory_budget_bytes"]
+    check(len(budget) == 1, f"qserve_memory_budget_bytes missing or repeated: {budget}")
+    # The host has far more memory than the container: a budget under the limit came from it.
+    check(0 < budget[0] <= limit_bytes, f"server budget {budget[0]} not within the limit {limit_bytes}")
+    return f"{len(families)} metric families parsed, server budget {budget[0] / 2**30:.2f} GiB"
 
 
 def check_sigterm_drain(client: openai.OpenAI, base: str, container: str, model: str) -> str:
@@ -177,7 +181,7 @@ def main() -> int:
         check(len(models) == 1, f"/v1/models lists {models}")
         print(f"  /v1/models: {models}")
         print(f"  chat completion: {check_chat(client, models[0])!r}")
-        print(f"  /metrics: {check_metrics(base, auth)} metric families parsed")
+        print(f"  /metrics: {check_metrics(base, auth, args.memory_limit)}")
         print(f"  SIGTERM drain: {check_sigterm_drain(client, base, args.container, models[0])}")
     except (SmokeError, openai.OpenAIError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or ""
