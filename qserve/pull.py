@@ -202,6 +202,7 @@ def _move_into_place(tmp: Path, dest: Path, stamp: dict) -> None:
 
 def gguf_architecture(gguf: Path) -> str:
     """Read general.architecture from the GGUF header; a corrupt file is a CheckpointError."""
+    _require_gguf_support()
     from gguf import GGUFReader
 
     try:
@@ -210,6 +211,15 @@ def gguf_architecture(gguf: Path) -> str:
         raise CheckpointError(f"{gguf.name}: GGUF header has no general.architecture") from None
     except (ValueError, IndexError, OSError, UnicodeDecodeError, OverflowError) as e:
         raise CheckpointError(f"{gguf.name} is not a valid GGUF file ({e})") from e
+
+
+def _require_gguf_support() -> None:
+    """transformers reads GGUF through the `gguf` package and (in 5.x) needs `accelerate`."""
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"converting a GGUF needs {' and '.join(missing)}: pip install 'qserve[gguf]'")
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

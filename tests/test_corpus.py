@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qserve.cli import main
 from qserve.corpus import (CorpusError, build_splits, corpus_path, fetch_members, format_texts,
                            load_texts, prepare, strip_wikitext, wiki_articles)
 from qserve.pull import DownloadError
@@ -125,3 +126,13 @@ def test_prepared_files_hold_the_splits(members: dict[str, dict[str, bytes]], tm
             assert path == tmp_path / "data" / f"{name}.{split}.txt" == corpus_path(name, split)
             assert load_texts(path) == want[split]
     assert fetched == ["wiki", "canterbury"]  # corpus_path reused the prepared files
+
+
+def test_data_command_prints_paths(members: dict[str, dict[str, bytes]], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("QSERVE_HOME", str(tmp_path))
+    monkeypatch.setattr("qserve.corpus.fetch_members", lambda name: members[name])
+    assert main(["data", "all"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(tmp_path / "data" / f"{n}.{s}.txt")
+                                     for n in ("wiki", "canterbury") for s in ("eval", "calib"))

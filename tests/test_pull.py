@@ -4,6 +4,7 @@ checked against transformers' own load of the GGUF."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -145,10 +146,39 @@ def test_alias_cache_and_cli_prints_path(home: Path, tmp_path: Path, monkeypatch
     assert resolve_or_pull(str(tmp_path)) == tmp_path.resolve()
 
 
+def test_missing_gguf_support_is_a_config_error(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"pip install 'qserve\[gguf\]'"):
+        pull(gguf, tmp_path / "out")
+
+
 # --- the real model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI) -----------------------------------
 
 PROMPTS = ["What is the capital of France?", "What is the boiling point of water?",
            "Write a haiku about the sea."]
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """Decode-sized ops gain little from a second thread and lose a lot when other jobs share the
+    cores (OpenMP threads wait on each other); results do not depend on the thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    with _single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +187,9 @@ def gguf_model(smollm2_dir: Path):
     from transformers import AutoModelForCausalLM
 
     gguf = alias_gguf("smollm2-135m")
-    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                dtype=torch.float32, local_files_only=True).eval()
+    with _single_thread():
+        return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                    dtype=torch.float32, local_files_only=True).eval()
 
 
 @pytest.mark.slow
@@ -206,7 +237,7 @@ def test_weights_are_the_gguf_rounded_to_bf16(smollm2_dir: Path, gguf_model) -> 
 
 
 @pytest.mark.slow
-def test_greedy_matches_transformers_on_the_gguf(smollm2_dir: Path, gguf_model) -> None:
+def test_greedy_matches_transformers_on_the_gguf(smollm2_dir: Path, gguf_model, one_thread) -> None:
     """Issue acceptance: 3 prompts x 32 greedy tokens from transformers, on the converted checkpoint
     and on the GGUF model, both computing in fp32 from the weights at their stored precision (the
     GGUF's dequantized values rounded to bf16). Unrounded, the fp32 GGUF drifts from it after ~20
@@ -229,7 +260,7 @@ def test_greedy_matches_transformers_on_the_gguf(smollm2_dir: Path, gguf_model) 
 
 
 @pytest.mark.slow
-def test_qserve_model_matches_transformers(smollm2_dir: Path) -> None:
+def test_qserve_model_matches_transformers(smollm2_dir: Path, one_thread) -> None:
     """Our Llama on the pulled checkpoint vs transformers on it, both fp32 from the same bf16
     weights: only summation order differs, so logits agree to 1e-3 of their scale."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,3 +281,4 @@ def test_qserve_model_matches_transformers(smollm2_dir: Path) -> None:
     scale = want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * scale)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
