@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def _read_marker(dest: Path) -> dict | None:
         return None
 
 
-def _convert_cached(get_gguf, dest: Path, stamp: dict) -> Path:
+def _convert_cached(get_gguf: Callable[[], Path], dest: Path, stamp: dict) -> Path:
     """Return dest if it already holds this exact conversion, else convert into it atomically."""
     dest = dest.expanduser().absolute()
     if _read_marker(dest) == stamp:
@@ -195,7 +196,11 @@ def _move_into_place(tmp: Path, dest: Path, stamp: dict) -> None:
             return  # another process finished the same pull first
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.rename(dest, old)
-    os.rename(tmp, dest)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if _read_marker(dest) != stamp:  # lost a race to an identical pull: that result is fine
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
