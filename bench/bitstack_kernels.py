@@ -71,7 +71,7 @@ def main() -> None:
     for label, (k, outs) in SHAPES.items():
         all_blocks = [random_blocks(n, k, max(args.blocks), args.rank, g) for n in outs]
         for nb in args.blocks:
-            parts = [BitStackPart(j, n, k, bl[:nb]) for j, (n, bl) in enumerate(zip(outs, all_blocks))]
+            parts = [BitStackPart(j, n, k, args.rank, bl[:nb]) for j, (n, bl) in enumerate(zip(outs, all_blocks))]
             layer = BitStackLinear(parts, None, dt)
             once = timeit(lambda: torch.cat([reconstruct(p.blocks(), p.out_features, k, dt) for p in parts]), 3)
             w = torch.cat([reconstruct(p.blocks(), p.out_features, k, dt) for p in parts])

@@ -8,7 +8,8 @@ and `s = a / mean(a)`, start from R = W and repeat `--blocks` times:
     |R·diag(s)| ≈ u vᵀ, a rank-`--rank` SVD with the singular values split evenly (√σ each)
     R <- R - sign(R) ⊙ (u (v/s)ᵀ)
 
-Each iteration is one *block*: `u` [out, r] and `v/s` [in, r] in bf16 plus the packed signs.
+Each iteration is one *block*: `u` [out, r] and `v/s` [in, r] in bf16 plus the packed signs,
+stored back to back as one uint8 tensor `<linear>.bitstack.block.<i>`.
 The inverse scale is folded into v, exactly (S ⊙ (u vᵀ))·diag(1/s) = S ⊙ (u (v/s)ᵀ)), so the
 runtime applies nothing to x. The residual is updated with the stored bf16 values, so block i
 corrects the rounding of blocks < i and the runtime reconstruction equals the offline one.
@@ -90,14 +91,34 @@ def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = to
 
 @dataclass
 class Block:
-    """One residual block of one linear: sign ⊙ (u vᵀ), ~1 bit per weight plus the rank-r factors."""
+    """One residual block of one linear: sign ⊙ (u vᵀ), ~1 bit per weight plus the rank-r factors.
+
+    Stored and held as one byte buffer: u, then v, then the packed signs (`to_bytes`); `from_bytes`
+    gives views into such a buffer, so a block is one allocation and one safetensors tensor.
+    """
 
     u: torch.Tensor  # [out, r] bf16
     v: torch.Tensor  # [in, r] bf16, activation scale folded in
     signs: torch.Tensor  # [out, sign_row_bytes(in)] uint8
+    raw: torch.Tensor | None = None  # the uint8 buffer u, v and signs view, when they come from one
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.signs))
+
+    def to_bytes(self) -> torch.Tensor:
+        if self.raw is not None:
+            return self.raw
+        return torch.cat([t.contiguous().view(torch.uint8).reshape(-1) for t in (self.u, self.v, self.signs)])
+
+    @classmethod
+    def from_bytes(cls, raw: torch.Tensor, out_features: int, in_features: int, rank: int) -> "Block":
+        n, k, r = out_features, in_features, rank
+        if raw.dtype != torch.uint8 or raw.numel() != block_nbytes(n, k, r):
+            raise CheckpointError(f"a bitstack block of a {n}x{k} rank-{r} linear must be {block_nbytes(n, k, r)} "
+                                  f"bytes of uint8, got {raw.numel()} of {raw.dtype}")
+        nu, nv = 2 * n * r, 2 * k * r
+        return cls(raw[:nu].view(STORE_DTYPE).view(n, r), raw[nu:nu + nv].view(STORE_DTYPE).view(k, r),
+                   raw[nu + nv:].view(n, sign_row_bytes(k)), raw)
 
 
 def block_nbytes(out_features: int, in_features: int, rank: int) -> int:
@@ -220,30 +241,28 @@ def load_blocks(per_layer: Sequence[int]) -> Iterator[None]:
 
 
 class BitStackPart(nn.Module):
-    """The blocks of one stack layer (one checkpoint linear), loaded in order: blocks 0..k-1."""
+    """The blocks of one stack layer (one checkpoint linear), loaded in order: blocks 0..k-1, each
+    held as one uint8 buffer `b<i>`."""
 
-    def __init__(self, layer_id: int, out_features: int, in_features: int, blocks: Sequence[Block]):
+    def __init__(self, layer_id: int, out_features: int, in_features: int, rank: int, blocks: Sequence[Block]):
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.rank = layer_id, rank
         self.out_features, self.in_features = out_features, in_features
         self.k = 0
         self.extend(blocks)
 
     def blocks(self) -> list[Block]:
-        return [Block(getattr(self, f"u{i}"), getattr(self, f"v{i}"), getattr(self, f"s{i}"))
+        return [Block.from_bytes(getattr(self, f"b{i}"), self.out_features, self.in_features, self.rank)
                 for i in range(self.k)]
 
     def extend(self, blocks: Sequence[Block]) -> None:
         """Append blocks k, k+1, ... (under the scratch lock: never while a forward reads them)."""
-        for b in blocks:
-            if b.u.shape[0] != self.out_features or b.v.shape[0] != self.in_features \
-                    or tuple(b.signs.shape) != (self.out_features, sign_row_bytes(self.in_features)):
-                raise CheckpointError(f"stack layer {self.layer_id}: block {self.k} has the wrong shape")
+        raws = [b.to_bytes() for b in blocks]
+        for raw in raws:  # validates the size
+            Block.from_bytes(raw, self.out_features, self.in_features, self.rank)
         with _POOL.lock:
-            for b in blocks:
-                self.register_buffer(f"u{self.k}", b.u)
-                self.register_buffer(f"v{self.k}", b.v)
-                self.register_buffer(f"s{self.k}", b.signs)
+            for raw in raws:
+                self.register_buffer(f"b{self.k}", raw)
                 self.k += 1
 
     def truncate(self, k: int) -> None:
@@ -251,28 +270,26 @@ class BitStackPart(nn.Module):
         with _POOL.lock:
             while self.k > k:
                 self.k -= 1
-                for name in ("u", "v", "s"):
-                    delattr(self, f"{name}{self.k}")
+                delattr(self, f"b{self.k}")
 
     def nbytes(self) -> int:
-        return sum(b.nbytes() for b in self.blocks())
+        return self.k * block_nbytes(self.out_features, self.in_features, self.rank)
 
 
-def _stored_part(stored: dict[str, torch.Tensor], in_features: int) -> BitStackPart:
-    if "bitstack.layer" not in stored:
-        raise CheckpointError("a qserve-bitstack linear lacks its bitstack.layer id")
-    layer_id = int(stored["bitstack.layer"].reshape(-1)[0])
-    n = len([k for k in stored if k.startswith("bitstack.u.")])
+def _stored_part(stored: dict[str, torch.Tensor], in_features: int, rank: int) -> BitStackPart:
+    if "bitstack.meta" not in stored:
+        raise CheckpointError("a qserve-bitstack linear lacks its bitstack.meta tensor")
+    layer_id, out_features = (int(x) for x in stored["bitstack.meta"].reshape(-1)[:2])
+    n = len([k for k in stored if k.startswith("bitstack.block.")])
     keep = _LOAD_BLOCKS.get()
     if keep is not None:
         n = min(n, keep[layer_id])
     try:
-        blocks = [Block(stored[f"bitstack.u.{i:02d}"], stored[f"bitstack.v.{i:02d}"],
-                        stored[f"bitstack.signs.{i:02d}"]) for i in range(n)]
+        blocks = [Block.from_bytes(stored[f"bitstack.block.{i:02d}"], out_features, in_features, rank)
+                  for i in range(n)]
     except KeyError as e:
         raise CheckpointError(f"stack layer {layer_id} lacks tensor {e}; its blocks must be numbered 0..k-1") from None
-    out = stored["bitstack.u.00"].shape[0] if n else int(stored["bitstack.signs.00"].shape[0])
-    return BitStackPart(layer_id, out, in_features, blocks)
+    return BitStackPart(layer_id, out_features, in_features, rank, blocks)
 
 
 @register_quant_method(METHOD)
@@ -298,7 +315,7 @@ class BitStackLinear(QuantLinear):
                 groups.append({k[len(pre):]: v for k, v in stored.items() if k.startswith(pre)})
         else:
             groups = [stored]
-        parts = [_stored_part(g, in_features) for g in groups]
+        parts = [_stored_part(g, in_features, int(qcfg["rank"])) for g in groups]
         if sum(p.out_features for p in parts) != out_features:
             raise CheckpointError(f"bitstack blocks have {sum(p.out_features for p in parts)} rows, "
                                   f"the config implies {out_features}")

@@ -3,8 +3,9 @@
 Checkpoint layout (a normal qserve checkpoint directory, so qserve.model.load_model reads it):
 - `model.safetensors`, written here rather than by safetensors' writer because that one sorts
   tensors by dtype and name, and the point of the file is its order: first the non-stack tensors
-  (embedding, norms, head, biases, and each stack layer's int32 `<linear>.bitstack.layer` id),
-  then the blocks in stack order, each block as `<linear>.bitstack.{u,v,signs}.<i>` back to back.
+  (embedding, norms, head, biases, and each stack layer's int32 `<linear>.bitstack.meta`: its
+  layer id and out_features), then the blocks in stack order, each one uint8 tensor
+  `<linear>.bitstack.block.<i>` (see Block.to_bytes).
   The first N blocks of the stack are therefore one contiguous byte range, and growing from N to
   M blocks is one sequential read of the bytes of blocks N..M-1. It is a valid safetensors file
   (safe_open and qserve.checkpoint read it).
@@ -39,7 +40,6 @@ from qserve.config import ModelConfig, load_config
 from qserve.errors import BudgetError, CheckpointError, ConfigError
 from qserve.quant_methods.bitstack import (
     FORMAT, METHOD, STORE_DTYPE, Block, BitStackPart, block_nbytes, load_blocks, planned_scratch_bytes,
-    sign_row_bytes,
 )
 from qserve.sysmem import format_bytes
 
@@ -118,8 +118,8 @@ def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
         return 8 + n, json.loads(f.read(n))
 
 
-def block_names(layer: str, i: int) -> tuple[str, str, str]:
-    return (f"{layer}.bitstack.u.{i:02d}", f"{layer}.bitstack.v.{i:02d}", f"{layer}.bitstack.signs.{i:02d}")
+def block_name(layer: str, i: int) -> str:
+    return f"{layer}.bitstack.block.{i:02d}"
 
 
 def write_stack(src: Path, out: Path, cfg: ModelConfig, layers: Sequence[StackLayer], qcfg: dict[str, Any],
@@ -131,20 +131,20 @@ def write_stack(src: Path, out: Path, cfg: ModelConfig, layers: Sequence[StackLa
     ckpt = Checkpoint(src)
     base = {n: ckpt.get(n) for n in ckpt.names() if n not in linear_weights}
     base = {n: t.to(STORE_DTYPE) if t.is_floating_point() else t for n, t in base.items()}
-    base |= {f"{l.name}.bitstack.layer": torch.tensor([i], dtype=torch.int32) for i, l in enumerate(layers)}
+    base |= {f"{l.name}.bitstack.meta": torch.tensor([i, l.out_features], dtype=torch.int32)
+             for i, l in enumerate(layers)}
     entries = sorted(base.items(), key=lambda kv: -kv[1].element_size())  # keeps every tensor aligned
     rank = qcfg["rank"]
     sizes = [block_nbytes(l.out_features, l.in_features, rank) for l in layers]
     stack = stack_order([l.errors for l in layers], sizes, order)
     for li, i in stack:
-        b = layers[li].blocks[i]
-        entries += list(zip(block_names(layers[li].name, i), (b.u, b.v, b.signs)))
+        entries.append((block_name(layers[li].name, i), layers[li].blocks[i].to_bytes()))
     start, offsets = write_safetensors_ordered(out / STACK_FILE, entries, {"format": "pt", "qserve": FORMAT})
     manifest = {
         "format": FORMAT, "file": STACK_FILE, "rank": rank, "blocks_per_layer": qcfg["blocks"], "order": order,
         "layers": [{"name": l.name, "group": l.group, "out": l.out_features, "in": l.in_features,
                     "errors": l.errors} for l in layers],
-        "stack": [{"layer": li, "index": i, "offset": offsets[block_names(layers[li].name, i)[0]][0],
+        "stack": [{"layer": li, "index": i, "offset": offsets[block_name(layers[li].name, i)][0],
                    "bytes": sizes[li]} for li, i in stack],
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=0))
@@ -204,18 +204,15 @@ class BitStackStack:
             self._cum.append(self._cum[-1] + nb)
 
     def _check(self) -> None:
-        """Manifest and file agree: each block's three tensors sit at its offset and fill its bytes."""
+        """Manifest and file agree: each block's tensor sits at its offset and has its bytes."""
         for li, i, off, nb in self.stack:
             layer = self.layers[li]
-            names = block_names(layer["name"], i)
-            try:
-                spans = [self._header[n]["data_offsets"] for n in names]
-            except KeyError as e:
-                raise CheckpointError(f"{self.file.name} lacks stack tensor {e}") from None
-            if spans[0][0] + self._start != off or spans[2][1] - spans[0][0] != nb \
-                    or nb != block_nbytes(layer["out"], layer["in"], self.rank) \
-                    or spans[0][1] != spans[1][0] or spans[1][1] != spans[2][0]:
-                raise CheckpointError(f"{MANIFEST} disagrees with {self.file.name} about {names[0]}")
+            name = block_name(layer["name"], i)
+            if name not in self._header:
+                raise CheckpointError(f"{self.file.name} lacks stack tensor {name}")
+            begin, end = self._header[name]["data_offsets"]
+            if begin + self._start != off or end - begin != nb or nb != block_nbytes(layer["out"], layer["in"], self.rank):
+                raise CheckpointError(f"{MANIFEST} disagrees with {self.file.name} about {name}")
 
     # --- sizes ---------------------------------------------------------------------------------
 
@@ -347,13 +344,9 @@ class BitStackStack:
         return out
 
     def _read_block(self, f, layer_id: int) -> Block:
-        """One block from the file position, into one fresh buffer the three tensors view."""
+        """One block from the file position into one fresh buffer."""
         layer = self.layers[layer_id]
-        n, k, r = layer["out"], layer["in"], self.rank
-        buf = torch.empty(block_nbytes(n, k, r), dtype=torch.uint8)
-        if f.readinto(buf.numpy()) != buf.numel():
+        raw = torch.empty(block_nbytes(layer["out"], layer["in"], self.rank), dtype=torch.uint8)
+        if f.readinto(raw.numpy()) != raw.numel():
             raise CheckpointError(f"{self.file.name} is truncated inside the stack")
-        nu, nv = 2 * n * r, 2 * k * r
-        return Block(buf[:nu].view(STORE_DTYPE).view(n, r), buf[nu:nu + nv].view(STORE_DTYPE).view(k, r),
-                     buf[nu + nv:].view(n, sign_row_bytes(k)))
-
+        return Block.from_bytes(raw, layer["out"], layer["in"], self.rank)

@@ -72,9 +72,9 @@ def test_error_never_increases_and_beats_rtn_with_all_blocks(tiny_dir: Path, sta
         assert all(b <= a for a, b in zip(recorded, recorded[1:])), (layer["name"], recorded)
         rtn = quantize_weight(w, 4, 128)
         assert fro[-1] < float((dequantize_stored(rtn, k, 128) - w).square().sum())
-        # the bytes the checkpoint stores for this layer's blocks are the manifest's
-        names = [f"{layer['name']}.bitstack.{t}.00" for t in ("u", "v", "signs")]
-        assert sum(ckpt.get(x).numel() * ckpt.get(x).element_size() for x in names) == block_nbytes(n, k, RANK)
+        # the bytes the checkpoint stores for each of this layer's blocks are the manifest's
+        for i in range(BLOCKS):
+            assert ckpt.get(f"{layer['name']}.bitstack.block.{i:02d}").numel() == block_nbytes(n, k, RANK)
 
 
 def test_equal_bytes_against_rtn_w4(tiny_dir: Path, stack: BitStackStack) -> None:
@@ -119,12 +119,13 @@ def test_manifest_matches_file(stack: BitStackStack) -> None:
     prev_end = None
     for entry in m["stack"]:
         layer = m["layers"][entry["layer"]]
-        spans = [header[f"{layer['name']}.bitstack.{t}.{entry['index']:02d}"]["data_offsets"] for t in ("u", "v", "signs")]
-        assert start + spans[0][0] == entry["offset"]
-        assert spans[2][1] - spans[0][0] == entry["bytes"] == block_nbytes(layer["out"], layer["in"], RANK)
+        t = header[f"{layer['name']}.bitstack.block.{entry['index']:02d}"]
+        begin, end = t["data_offsets"]
+        assert t["dtype"] == "U8" and start + begin == entry["offset"]
+        assert end - begin == entry["bytes"] == block_nbytes(layer["out"], layer["in"], RANK)
         if prev_end is not None:  # stack order is file order: the first N blocks are one range
             assert entry["offset"] == prev_end
-        prev_end = start + spans[2][1]
+        prev_end = start + end
     assert prev_end == len(raw)
     # a layer's blocks keep their order, every layer's first block comes first
     seen: dict[int, int] = {}
