@@ -16,11 +16,13 @@ from qserve.errors import QServeError
 COMMANDS = ("serve", "info", "quantize", "make_tiny", "pull", "data", "eval", "plan")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (`only`) just one command's: some commands' parsers import torch to
+    list methods, and a one-line `qserve pull` should not pay for that."""
     parser = argparse.ArgumentParser(prog="qserve", description="LLM quantization serving backend")
     parser.add_argument("--version", action="version", version=f"qserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         mod_name = f"qserve.commands.{name}"
         try:
             mod = importlib.import_module(mod_name)
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    first = argv[0].replace("-", "_") if argv else None
+    args = build_parser(first if first in COMMANDS else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except QServeError as e:

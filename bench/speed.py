@@ -1,0 +1,192 @@
+"""Embedded-engine speed on one model, one run: decode tokens/s at several batch sizes, prefill
+tokens/s, time to first token and peak RSS for fp32, bf16, int8 and int4 (g32, g128); and
+llama.cpp on the model's GGUF in the same run when `llama-cpp-python` is installed.
+
+    python bench/speed.py [MODEL_DIR] [--tiny] [--batches 1 4 8 16] [--prefill 128 512 2048]
+                          [--tokens 64] [--repeats 3] [--out bench/results/speed.md]
+
+MODEL_DIR defaults to SmolLM2-135M (`qserve pull smollm2-135m`). Each variant runs in its own
+process (so its peak RSS is its own). Decode figures are medians of --repeats runs after a
+warm-up; prefill goes through the engine's chunked prefill (--prefill-chunk, default 512), as a
+served request would. Shared machines are noisy: compare rows of one run, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _measure(model_dir: str, dtype: str, batches: list[int], prefills: list[int], tokens: int, repeats: int,
+             chunk: int, threads: int | None) -> dict:
+    """Runs in a child process: one engine, every measurement for it."""
+    import torch
+
+    from qserve.engine import EngineConfig, TorchEngine
+    from qserve.engine_api import SamplingParams
+    from qserve.tokenizer import load_tokenizer
+
+    d = Path(model_dir)
+    ctx = max(max(prefills) + 8, 64 + tokens + 8)
+    eng = TorchEngine(d, d.name, load_tokenizer(d), EngineConfig(
+        dtype=dtype, max_num_seqs=max(batches), max_model_len=ctx, prefill_chunk=chunk, threads=threads,
+        max_waiting=1024))
+    eng.start()
+
+    async def run(batch: int, prompt_len: int, n: int) -> tuple[float, float]:
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        firsts: list[float] = []
+
+        async def one(i: int) -> None:
+            prompt = [(100 + 7 * i + j) % 1000 + 10 for j in range(prompt_len)]
+            async for ev in eng.submit(f"r{i}", prompt, params):
+                if not firsts or len(firsts) <= i:
+                    firsts.append(time.perf_counter())
+
+        await asyncio.gather(*[one(i) for i in range(batch)])
+        end = time.perf_counter()
+        return batch * (n - 1) / (end - max(firsts)), min(firsts) - t0
+
+    out: dict = {"weight_bytes": eng.info().weight_bytes, "kv_bytes": eng.info().kv_cache_bytes,
+                 "threads": torch.get_num_threads(), "decode": {}, "prefill": {}}
+    for b in batches:
+        asyncio.run(run(b, 32, 4))
+        out["decode"][b] = statistics.median(asyncio.run(run(b, 32, tokens))[0] for _ in range(repeats))
+    for p in prefills:
+        asyncio.run(run(1, p, 1))
+        ttft = statistics.median(asyncio.run(run(1, p, 2))[1] for _ in range(repeats))
+        out["prefill"][p] = {"tok_s": p / ttft, "ttft_ms": 1000 * ttft}
+    eng.shutdown()
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def _llama_cpp(gguf: Path, batches: list[int], prefills: list[int], tokens: int, repeats: int, threads: int) -> dict | None:
+    """llama.cpp through llama-cpp-python, batch 1 only (its high-level API serves one sequence)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=max(prefills) + tokens + 16, verbose=False)
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval([100 + j for j in range(32)])
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            llm.eval([llm.sample(temp=0.0)])
+        return tokens / (time.perf_counter() - t0)
+
+    def prefill(n: int) -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval([(100 + j) % 1000 + 10 for j in range(n)])
+        return n / (time.perf_counter() - t0)
+
+    decode()
+    out = {"decode": {1: statistics.median(decode() for _ in range(repeats))}, "prefill": {}}
+    for p in prefills:
+        prefill(p)
+        tps = statistics.median(prefill(p) for _ in range(repeats))
+        out["prefill"][p] = {"tok_s": tps, "ttft_ms": 1000 * p / tps}
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4-g32", "int4-g128"])
+    ap.add_argument("--out", type=Path, default=RESULTS / "speed.md")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        d, dtype = args.child.split("::")
+        print(json.dumps(_measure(d, dtype, args.batches, args.prefill, args.tokens, args.repeats,
+                                  args.prefill_chunk, args.threads)))
+        return 0
+
+    from qserve.offline import quantizers
+
+    if args.tiny:
+        from qserve.tiny import make_tiny_model
+
+        src = make_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    else:
+        from qserve.pull import pull
+
+        src = Path(args.model) if args.model else pull("smollm2-135m")
+    tmp = Path(tempfile.mkdtemp())
+    rtn = quantizers()["rtn"]
+    dirs = {"fp32": (src, "float32"), "bf16": (src, "bfloat16")}
+    for v in args.variants:
+        if v == "int8":
+            rtn.run(src, tmp / v, argparse.Namespace(bits=8, group_size=-1))
+            dirs[v] = (tmp / v, "bfloat16")
+        elif v.startswith("int4-g"):
+            rtn.run(src, tmp / v, argparse.Namespace(bits=4, group_size=int(v[6:])))
+            dirs[v] = (tmp / v, "bfloat16")
+    rows: dict[str, dict] = {}
+    for v in args.variants:
+        d, dtype = dirs[v]
+        cmd = [sys.executable, __file__, "--child", f"{d}::{dtype}", "--batches", *map(str, args.batches),
+               "--prefill", *map(str, args.prefill), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+               "--prefill-chunk", str(args.prefill_chunk)] + (["--threads", str(args.threads)] if args.threads else [])
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stderr[-2000:], file=sys.stderr)
+            return 1
+        rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"measured {v}", file=sys.stderr)
+    threads = rows[args.variants[0]]["threads"]
+    if not args.tiny:
+        from qserve.pull import alias_gguf
+
+        lc = _llama_cpp(alias_gguf("smollm2-135m"), args.batches, args.prefill, args.tokens, args.repeats, threads)
+        if lc is not None:
+            rows["llama.cpp Q4_1"] = lc
+    lines = [f"model: {src.name}; {threads} threads; decode: {args.tokens} tokens after a 32-token prompt, "
+             f"median of {args.repeats}; prefill chunk {args.prefill_chunk}", ""]
+    head = ["variant", "weights MB"] + [f"decode b{b} tok/s (per stream)" for b in args.batches] + \
+        [f"prefill {p} tok/s (TTFT ms)" for p in args.prefill] + ["peak RSS MB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v, r in rows.items():
+        dec = [f"{r['decode'][str(b)] if str(b) in r['decode'] else r['decode'].get(b, float('nan')):.1f}"
+               f" ({(r['decode'].get(str(b)) or r['decode'].get(b) or float('nan')) / b:.1f})"
+               if (str(b) in r["decode"] or b in r["decode"]) else "–" for b in args.batches]
+        pre = [f"{r['prefill'][k]['tok_s']:.0f} ({r['prefill'][k]['ttft_ms']:.0f})"
+               for k in (str(p) if str(p) in r["prefill"] else p for p in args.prefill)]
+        lines.append("| " + " | ".join([v, f"{r.get('weight_bytes', 0) / 1e6:.1f}" if "weight_bytes" in r else "–",
+                                        *dec, *pre, f"{r['peak_rss'] / 2**20:.0f}"]) + " |")
+    ref = rows.get("llama.cpp Q4_1")
+    if ref:
+        b1 = ref["decode"][1]
+        lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(
+            f"{v} {rows[v]['decode']['1'] / b1:.2f}x" for v in args.variants)]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
