@@ -17,7 +17,9 @@ from qserve.attention import AttentionFn, sdpa_attention
 from qserve.checkpoint import Checkpoint
 from qserve.config import ModelConfig, load_config
 from qserve.errors import CheckpointError
+from qserve.hadamard import qk_transform
 from qserve.kvcache import Batch, KVCache
+from qserve.kvformats import kv_layer_module
 from qserve.linear import build_linear
 
 
@@ -28,9 +30,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        # one fused op (it accumulates in fp32 for bf16 input); in fp32 it is bit-identical to
+        # transformers' weight * (x * rsqrt(mean(x^2) + eps))
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -56,14 +58,20 @@ class Rope(nn.Module):
         freqs = torch.outer(t, rope_inv_freq(cfg))
         emb = torch.cat([freqs, freqs], -1)
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]: one op instead of three
+        signed = torch.cat([-freqs.sin(), freqs.sin()], -1)
+        self.register_buffer("sin_signed", signed.to(dtype), persistent=False)
+        self._pos: torch.Tensor | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x [B, H, T, D], pos [B, T]."""
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return x * cos + rot * sin
+        """x [B, H, T, D], pos [B, T]. The tables for `pos` are gathered once per forward pass
+        (every layer passes the same pos tensor) instead of once per layer."""
+        if pos is not self._pos:
+            self._pos = pos
+            self._tables = (self.cos[pos].unsqueeze(1), self.sin_signed[pos].unsqueeze(1))
+        cos, sin = self._tables
+        return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
 
 
 class DecoderLayer(nn.Module):
@@ -85,17 +93,26 @@ class DecoderLayer(nn.Module):
         self.down = build_linear([ckpt.get_many(m + "down_proj.")], cfg.intermediate_size, [cfg.hidden_size], qc, dtype)
         self.split = (h, kvd, kvd)
         self.inter = cfg.intermediate_size
+        self.qk_rot = qk_transform(qc, self.hd)  # None unless the checkpoint rotates q/k after RoPE (W4A4KV4)
+        self.kv_module = kv_layer_module(cfg, ckpt, idx, dtype)  # None unless the checkpoint compresses KV (CSKV)
 
     def forward(self, x: torch.Tensor, batch: Batch, pos: torch.Tensor, rope: Rope, cache: KVCache,
                 attn: AttentionFn) -> torch.Tensor:
         b, t, _ = x.shape
-        qk, v = self.qkv(self.input_norm(x)).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+        hn = self.input_norm(x)
+        qk, v = self.qkv(hn).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
         qk = rope(qk.view(b, t, self.nh + self.nkv, self.hd).transpose(1, 2), pos)  # q and k in one go
+        if self.qk_rot is not None:
+            qk = self.qk_rot(qk)
         q, k = qk[:, :self.nh], qk[:, self.nh:]
         v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
-        cache.write(self.idx, batch, k, v)
-        kk, vv = cache.read(self.idx, batch)
-        o = attn(q, kk, vv, batch.mask).transpose(1, 2).reshape(b, t, -1)
+        if self.kv_module is None:
+            cache.write(self.idx, batch, k, v)
+            kk, vv = cache.read(self.idx, batch)
+            mask = batch.mask
+        else:  # the module caches compressed inputs and rebuilds K/V itself
+            kk, vv, mask = self.kv_module(cache, self.idx, batch, hn, k, v, rope)
+        o = attn(q, kk, vv, mask).transpose(1, 2).reshape(b, t, -1)
         x = x + self.o_proj(o)
         gate, up = self.gate_up(self.post_norm(x)).split(self.inter, dim=-1)
         return x + self.down(F.silu(gate) * up)
