@@ -36,6 +36,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 _IMPLS: dict[str, AttentionFn] = {"sdpa": sdpa_attention}
+# Modules that register more implementations when imported; loaded on first miss.
+ATTENTION_MODULES = ("qserve.quant_methods.sage_attention",)
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
@@ -45,6 +47,11 @@ def register_attention(name: str, fn: AttentionFn) -> None:
 def get_attention(name: str) -> AttentionFn:
     from qserve.errors import ConfigError
 
+    if name not in _IMPLS:
+        import importlib
+
+        for mod in ATTENTION_MODULES:
+            importlib.import_module(mod)
     if name not in _IMPLS:
         raise ConfigError(f"unknown attention implementation {name!r}; known: {sorted(_IMPLS)}")
     return _IMPLS[name]

@@ -92,6 +92,8 @@ class KVCache:
 
 
 _FORMATS: dict[str, type[KVCache]] = {"model": KVCache}
+# Modules that register more formats when imported (int8/int4, CSKV); loaded on first miss.
+FORMAT_MODULES = ("qserve.kvformats", "qserve.quant_methods.cskv")
 
 
 def register_kv_format(name: str):
@@ -108,6 +110,11 @@ def register_kv_format(name: str):
 def get_kv_format(name: str) -> type[KVCache]:
     from qserve.errors import ConfigError
 
+    if name not in _FORMATS:
+        import importlib
+
+        for mod in FORMAT_MODULES:
+            importlib.import_module(mod)
     if name not in _FORMATS:
         raise ConfigError(f"unknown KV cache format {name!r}; known: {sorted(_FORMATS)}")
     return _FORMATS[name]
