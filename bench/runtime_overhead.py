@@ -3,7 +3,7 @@
 Starts the server on each model, waits for /ready, sends one completion request (a prefill chunk
 and some decode steps), then reads the process's VmRSS and VmHWM (peak) from /proc and
 subtracts the weights (qserve.planner.resident_weight_bytes, the bytes the runtime holds) and
-the KV cache. The KV cache is kept tiny (--max-model-len 64, --max-num-seqs 1) because its
+the KV cache. The KV cache is kept small (--max-model-len 512, --max-num-seqs 1; the prompt fills ~300 positions) because its
 zero-filled pages only become resident when written; what remains is the interpreter, torch,
 the tokenizer, FastAPI/uvicorn and the activations of a forward.
 
@@ -27,7 +27,7 @@ import torch
 from qserve.config import load_config
 from qserve.planner import int8_head_default, kv_bytes, resident_weight_bytes
 
-MAX_LEN, SEQS = 64, 1
+MAX_LEN, SEQS = 512, 1
 
 
 def _free_port() -> int:
@@ -59,7 +59,7 @@ def measure(model_dir: Path) -> dict[str, float]:
         else:
             raise RuntimeError("server did not become ready")
         model_id = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
-        body = json.dumps({"model": model_id, "prompt": "The quick brown fox jumps over the lazy dog. " * 3,
+        body = json.dumps({"model": model_id, "prompt": "The quick brown fox jumps over the lazy dog. " * 25,
                            "max_tokens": 16, "temperature": 0}).encode()
         req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=300).read()
@@ -68,7 +68,13 @@ def measure(model_dir: Path) -> dict[str, float]:
         proc.terminate()
         proc.wait(timeout=60)
     cfg = load_config(model_dir)
-    weights = resident_weight_bytes(model_dir, torch.bfloat16, int8_head_default(cfg))
+    if cfg.quant_method == "qserve-bitstack":  # blocks + the rest + scratch, all blocks loaded
+        from qserve.quant_methods.bitstack_stack import BitStackStack
+
+        stack = BitStackStack(model_dir)
+        weights = stack.resident_bytes(stack.total_blocks, torch.bfloat16, int8_head_default(cfg))
+    else:
+        weights = resident_weight_bytes(model_dir, torch.bfloat16, int8_head_default(cfg))
     kv = kv_bytes(cfg, MAX_LEN, SEQS, torch.bfloat16)
     mib = 2**20
     return {"weights_mib": weights / mib, "kv_mib": kv / mib, "rss_mib": rss / mib, "peak_mib": hwm / mib,

@@ -57,9 +57,10 @@ from qserve.sysmem import format_bytes
 QUALITY_FILE = "qserve_quality.json"
 DEFAULT_CONTEXT = 2048  # the engine's default max_model_len
 DEFAULT_CONCURRENCY = 8  # the engine's default max_num_seqs
-# Measured 2026-11 by bench/runtime_overhead.py: `qserve serve` RSS on the tiny model after one
-# request was 411-431 MiB above its weights + KV cache; rounded up to leave room for a prefill
-# chunk's activations of a larger model.
+# Measured by bench/runtime_overhead.py (torch 2.13 CPU, one ~300-token request): `qserve serve`
+# RSS beyond weights + KV was 393-396 MiB for the tiny model (fp, RTN w4), 413 MiB for its
+# BitStack, 420 MiB (peak 425) for SmolLM2-135M bf16. Rounded up to 512 MiB for the activations of
+# longer prefill chunks and larger models; not measured on 7B-class models.
 RUNTIME_OVERHEAD = 512 * 2**20
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
