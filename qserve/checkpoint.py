@@ -61,6 +61,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"{path.name}: file is truncated ({size} bytes)")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"cannot read {path}: permission denied (model files must be readable by the "
+                              "server's user)")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES or 8 + n > size:
@@ -184,13 +187,17 @@ def save_checkpoint(
             size = 0
         shards[-1][name] = t
         size += nbytes
+    def write(shard: dict[str, torch.Tensor], path: Path) -> None:
+        save_file(shard, path, metadata={"format": "pt"})
+        os.chmod(path, 0o644)  # safetensors creates 0600; a container's non-root user must read it
+
     if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        write(shards[0], out_dir / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out_dir / fname, metadata={"format": "pt"})
+            write(shard, out_dir / fname)
             weight_map.update({k: fname for k in shard})
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)

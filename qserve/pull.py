@@ -258,6 +258,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     _drop_load_time_keys(out_dir / "tokenizer_config.json")
     if not (out_dir / "generation_config.json").is_file():
         model.generation_config.save_pretrained(out_dir)
+    for f in out_dir.glob("*.safetensors"):
+        os.chmod(f, 0o644)  # safetensors creates 0600; a container's non-root user must read it
     if getattr(tokenizer, "chat_template", None) is None:
         say(f"warning: {gguf.name} carries no chat template; chat requests will need one")
     load_config(out_dir)  # raises if the result is not a model qserve serves

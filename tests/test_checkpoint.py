@@ -30,6 +30,7 @@ def test_sharded_checkpoint_loads_same_model(tiny_dir: Path, tmp_path: Path) -> 
     save_checkpoint(out, tensors, cfg, source_dir=tiny_dir, max_shard_bytes=200_000)
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("*.safetensors"))) > 1
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.glob("*.safetensors"))  # readable by any user
     a = load_model(tiny_dir, torch.float32, 64)
     b = load_model(out, torch.float32, 64)
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
