@@ -264,10 +264,13 @@ def _rank_key(r: Row) -> tuple:
 
 
 def kv_bytes(cfg: ModelConfig, context: int, concurrency: int, dtype: torch.dtype, kv_format: str = "model") -> int:
-    from qserve.kvcache import get_kv_format
+    """What the engine's cache allocates; "auto" is "cskv" for a CSKV checkpoint (its compressed
+    features plus the full-precision window), else "model"."""
+    from qserve.kvformats import kv_cache_bytes, kv_compression
 
-    per_token = get_kv_format(kv_format).bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-    return per_token * context * concurrency
+    if kv_format == "auto":
+        kv_format = "cskv" if kv_compression(cfg) else "model"
+    return kv_cache_bytes(cfg, kv_format, context, concurrency, dtype=dtype)
 
 
 def plan(model_dir: Path, budget_bytes: int, context: int = DEFAULT_CONTEXT, concurrency: int = DEFAULT_CONCURRENCY,
