@@ -33,6 +33,7 @@ from qserve.sampling import make_generator, sample
 
 log = logging.getLogger("qserve.engine")
 
+KV_BUCKET = 64  # decode key lengths are padded to a multiple of this (see Batch.make)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -280,7 +281,8 @@ class TorchEngine(Engine):
         if decoding:
             decoding.sort(key=lambda s: s.slot)
             ids = torch.tensor([[s.output[-1]] for s in decoding])
-            batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1)
+            batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1,
+                               bucket=KV_BUCKET, max_len=self.max_model_len)
             logits = self.model(ids, batch, self.cache)
             for row, seq in enumerate(decoding):
                 self._sample_and_emit(seq, logits[row])

@@ -30,12 +30,19 @@ class Batch:
     start_list: tuple[int, ...] = ()
 
     @classmethod
-    def make(cls, slots: list[int], starts: list[int], num_new: int) -> "Batch":
+    def make(cls, slots: list[int], starts: list[int], num_new: int, bucket: int = 1,
+             max_len: int | None = None) -> "Batch":
+        """`bucket` rounds the key length up (masked), so attention sees few distinct shapes:
+        oneDNN builds and caches a kernel per matmul shape, and a decode loop whose key length
+        grows by one each step would build one per step (slow, and ~1 MB of RSS each)."""
         s = torch.tensor(slots, dtype=torch.long)
         p = torch.tensor(starts, dtype=torch.long)
-        kv_len = max(starts) + num_new
+        needed = max(starts) + num_new
+        kv_len = -(-needed // bucket) * bucket
+        if max_len is not None:
+            kv_len = min(kv_len, max_len)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        if len(slots) == 1 and (starts[0] == 0 or num_new == 1):
+        if len(slots) == 1 and kv_len == needed and (starts[0] == 0 or num_new == 1):
             mask = None  # causal over a fresh chunk, or one query seeing every cached key
         else:
             q_pos = p[:, None] + torch.arange(num_new)[None, :]  # [B, T]
