@@ -40,17 +40,17 @@ FP8_MAX = 448.0
 FP8 = torch.float8_e4m3fn
 
 
-def causal_mask(t: int, length: int) -> torch.Tensor:
+def causal_mask(t: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[1, 1, T, L]: the T queries are positions L-T .. L-1."""
-    q_pos = torch.arange(length - t, length)
-    return (torch.arange(length)[None, :] <= q_pos[:, None])[None, None]
+    q_pos = torch.arange(length - t, length, device=device)
+    return (torch.arange(length, device=device)[None, :] <= q_pos[:, None])[None, None]
 
 
-def token_groups(n: int, block: int, layout: str) -> tuple[torch.Tensor, int]:
+def token_groups(n: int, block: int, layout: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
     """Scale group of each of n tokens, and the number of groups. "q": blocks of `block` tokens,
     8 groups per block (token i's group is i mod 8: the rows one MMA thread holds); "k": 4 groups
     per block ((i mod 8) // 2: a thread's pair of key columns); "block": one group per block."""
-    i = torch.arange(n)
+    i = torch.arange(n, device=device)
     within = i % block
     if layout == "q":
         g, per = within % 8, 8
@@ -65,10 +65,10 @@ def quantize_int(x: torch.Tensor, block: int, layout: str, bits: int = 4) -> tup
     """x [..., N, D] -> integer-valued codes (fp32, symmetric in [-qmax, qmax], qmax = 7 for
     INT4, 127 for INT8) and each token's scale [..., N] (the max |x| of its group / qmax)."""
     qmax = 2 ** (bits - 1) - 1
-    gid, ng = token_groups(x.shape[-2], block, layout)
+    gid, ng = token_groups(x.shape[-2], block, layout, x.device)
     tok = x.abs().amax(-1)  # [..., N]
     idx = gid.expand_as(tok)
-    gmax = torch.zeros(*tok.shape[:-1], ng).scatter_reduce(-1, idx, tok, "amax", include_self=True)
+    gmax = torch.zeros(*tok.shape[:-1], ng, device=x.device).scatter_reduce(-1, idx, tok, "amax", include_self=True)
     s = (gmax / qmax).clamp(min=1e-12).gather(-1, idx)
     return torch.round(x / s[..., None]).clamp(-qmax, qmax), s
 
@@ -96,7 +96,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     hkv, length = k.shape[1], k.shape[2]
     g = h // hkv
     if mask is None:
-        mask = causal_mask(t, length)
+        mask = causal_mask(t, length, q.device)
     mask = mask.expand(b, 1, t, length)
     valid = mask.any(2, keepdim=True).transpose(-1, -2).float()  # [B, 1, L, 1]
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -117,10 +117,11 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     v8 = (v8.to(FP8).float() if pv_fp8 else v8) * valid
 
     sm_scale = d ** -0.5
-    neg_inf = torch.tensor(float("-inf"))
-    m = torch.full((b, hkv, g, t, 1), float("-inf"))
-    l_sum = torch.zeros(b, hkv, g, t, 1)
-    acc = torch.zeros(b, hkv, g, t, d)
+    dev = q.device
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    m = torch.full((b, hkv, g, t, 1), float("-inf"), device=dev)
+    l_sum = torch.zeros(b, hkv, g, t, 1, device=dev)
+    acc = torch.zeros(b, hkv, g, t, d, device=dev)
     mask5 = mask.view(b, 1, 1, t, length)
     for j0 in range(0, length, K_BLOCK):
         j1 = min(j0 + K_BLOCK, length)
