@@ -34,6 +34,7 @@ from qserve.sampling import make_generator, sample
 log = logging.getLogger("qserve.engine")
 
 KV_BUCKET = 64  # decode key lengths are padded to a multiple of this (see Batch.make)
+PREFILL_BUCKET = 32  # prefill chunks are padded to a multiple of this
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -272,8 +273,13 @@ class TorchEngine(Engine):
                 break
             n = min(budget, len(seq.prompt) - seq.done_prompt)
             budget -= n
-            ids = torch.tensor([seq.prompt[seq.done_prompt:seq.done_prompt + n]])
-            logits = self.model(ids, Batch.make([seq.slot], [seq.done_prompt], n), self.cache)
+            # pad the chunk to a multiple of PREFILL_BUCKET (masked by causality, overwritten by
+            # the next writes) so prefill matmuls see few shapes; see KV_BUCKET
+            bucket = PREFILL_BUCKET if self.model.pad_safe else 1
+            padded = min(-(-n // bucket) * bucket, self.max_model_len - seq.done_prompt)
+            chunk = seq.prompt[seq.done_prompt:seq.done_prompt + n]
+            ids = torch.tensor([chunk + [chunk[-1]] * (padded - n)])
+            logits = self.model(ids, Batch.make([seq.slot], [seq.done_prompt], padded), self.cache, logit_index=n - 1)
             seq.done_prompt += n
             if seq.done_prompt == len(seq.prompt):
                 self._sample_and_emit(seq, logits[0])

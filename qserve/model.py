@@ -144,6 +144,12 @@ class CausalLM(nn.Module):
         self.rope = Rope(cfg, max_len, dtype)
         self.attention: AttentionFn = sdpa_attention
 
+    @property
+    def pad_safe(self) -> bool:
+        """Padded positions past a prefill chunk are harmless: plain caches only hold them until
+        the next write. A compressed-KV module's ring buffer would lose real entries to them."""
+        return all(layer.kv_module is None for layer in self.layers)
+
     def weight_bytes(self) -> int:
         """Resident bytes of weights (shared storage, e.g. a tied head, counted once)."""
         seen: set[int] = set()
@@ -156,14 +162,16 @@ class CausalLM(nn.Module):
         return total
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, batch: Batch, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """ids [B, T] -> logits [B, V] for each row's last token (or [B, T, V] with all_logits)."""
+    def forward(self, ids: torch.Tensor, batch: Batch, cache: KVCache, all_logits: bool = False,
+                logit_index: int = -1) -> torch.Tensor:
+        """ids [B, T] -> logits [B, V] at position `logit_index` of each row (the last token by
+        default; a padded prefill chunk names its last real token), or [B, T, V] with all_logits."""
         x = F.embedding(ids, self.embed)
         pos = batch.positions()
         for layer in self.layers:
             x = layer(x, batch, pos, self.rope, cache, self.attention)
         if not all_logits:
-            x = x[:, -1]
+            x = x[:, logit_index]
         return self.lm_head(self.norm(x)).float()
 
 
