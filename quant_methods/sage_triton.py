@@ -22,7 +22,7 @@ from qserve.quant_methods.sage_attention import FP8, FP8_MAX, K_BLOCK, Q_BLOCK, 
 
 @triton.jit
 def _sage_fwd(Q, K, V, QS, KS, VS, Out, L_q, L_k, sm_scale,
-              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd, sob, soh, som,
               H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, PV_FP8: tl.constexpr):
     start_m = tl.program_id(0)
@@ -58,7 +58,7 @@ def _sage_fwd(Q, K, V, QS, KS, VS, Out, L_q, L_k, sm_scale,
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(V + b * svb + hk * svh + n[:, None] * svn + offs_d[None, :], mask=n[:, None] < L_k, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + n[:, None] * svn + offs_d[None, :] * svd, mask=n[:, None] < L_k, other=0.0)
         if PV_FP8:
             acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
         else:
@@ -90,14 +90,17 @@ def sage_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
 
 
 def sage_kernel(qi: torch.Tensor, sq: torch.Tensor, ki: torch.Tensor, sk: torch.Tensor, v8: torch.Tensor,
-                sv: torch.Tensor, dtype: torch.dtype, causal: bool, pv_fp8: bool, block_m: int = 128) -> torch.Tensor:
+                sv: torch.Tensor, dtype: torch.dtype, causal: bool, pv_fp8: bool, block_m: int = 128,
+                num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
+    """v8 [B, Hkv, L, D] in any strides: a transposed copy (contiguous along L, as Hopper's FP8
+    MMA wants its B operand) is passed as v8.transpose(2, 3).contiguous().transpose(2, 3)."""
     b, h, lq, d = qi.shape
     hkv, lk = ki.shape[1], ki.shape[2]
     out = torch.empty(b, h, lq, d, device=qi.device, dtype=dtype)
     grid = (triton.cdiv(lq, block_m), b * h)
     _sage_fwd[grid](qi, ki, v8, sq, sk, sv, out, lq, lk, d ** -0.5,
                     qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1), ki.stride(2),
-                    v8.stride(0), v8.stride(1), v8.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                    v8.stride(0), v8.stride(1), v8.stride(2), v8.stride(3), out.stride(0), out.stride(1), out.stride(2),
                     H=h, G=h // hkv, D=d, BLOCK_M=block_m, BLOCK_N=K_BLOCK, CAUSAL=causal, PV_FP8=pv_fp8,
-                    num_warps=8 if d >= 128 else 4, num_stages=3)
+                    num_warps=num_warps or (8 if d >= 128 else 4), num_stages=num_stages)
     return out
