@@ -21,11 +21,15 @@ reconstructs the layer's dense weight, Σ_i sign_i ⊙ (u_i v_iᵀ), chunk by ch
 one scratch buffer shared by all BitStack layers, and multiplies each chunk as soon as it is
 built: no dense weight exists beyond one chunk, never a layer's, never the whole model's.
 bench/bitstack_kernels.py measured this against the sign × low-rank matmul
-(y = Σ_i u_i ⊙ (S_i (x ⊙ v_i)) summed over the rank): reconstruction is faster at every batch
-size, since its cost does not grow with the tokens in the call. The scratch (dense chunk, one
-low-rank product, unpacked signs, their byte indices; ~6.5 MiB in bf16 for any model with layers
-of 1M+ weights) is counted by `scratch_bytes()`; a layer's `weight_bytes()` counts its blocks and
-bias only.
+(y = Σ_i u_i ⊙ (S_i (x ⊙ v_i)) summed over the rank, signs unpacked per call the same way): at
+one token per call they cost the same (~0.4 ns per weight per block with 2 threads, both
+dominated by unpacking the signs and one pass over the weights), from 16 tokens up
+reconstruction is 2-30x faster, since its cost does not grow with the tokens. Both are 10-100x
+slower than a bf16 matmul with the weight held dense (what "reconstruct once per resize" would
+do); that option was rejected because it keeps the bf16 model resident, which defeats the budget.
+The scratch (dense chunk, one low-rank product, unpacked signs, their byte indices; 6.5 MiB in
+bf16 for any model with layers of 1M+ weights) is counted by `scratch_bytes()`; a layer's
+`weight_bytes()` counts its blocks and bias only.
 """
 
 from __future__ import annotations

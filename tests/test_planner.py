@@ -9,12 +9,13 @@ full size, 80 at one block per linear). ~15 s on 2 cores.
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from calib_util import calib_args, write_text
 
 from qserve.errors import BudgetError, CheckpointError, ConfigError
 from qserve.model import load_model
@@ -29,17 +30,12 @@ CONTEXT, CONCURRENCY = 256, 2
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from calib_util import calib_args, write_text
-
     from qserve.offline import quantizers
     from qserve.tiny import make_tiny_model
 
     tmp = tmp_path_factory.mktemp("family")
     fam = tmp / "tiny8"
     fp = make_tiny_model(fam / "bf16", seed=3, layers=8, intermediate=512)
-    import argparse
-
     quantizers()["rtn"].run(fp, fam / "rtn-w4g128", argparse.Namespace(bits=4, group_size=128))
     args = calib_args(write_text(tmp / "calib.txt"), samples=2, seq_len=32)
     args.blocks, args.rank = 4, 4
