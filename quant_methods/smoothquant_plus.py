@@ -11,10 +11,12 @@ result is stored in the shared W4A16 format and served by the same weight-only l
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from qserve.calib import BlockStats, add_calib_args, calibrate_blocks, check_calib_bits, hf_tensors, prepare
 from qserve.evaluate import samples_nll
@@ -68,7 +70,9 @@ def search_alpha(model: CausalLM, x_absmax: list[dict[str, torch.Tensor]], loss_
                 lin.weight.data = fake_quant(lin.weight.data, bits, group_size)
         return samples_nll(model, loss_ids).mean
 
-    losses = {"rtn": loss_with(None)} | {f"{a:.1f}": loss_with(a) for a in ALPHAS}
+    losses = {}
+    for a in tqdm([None, *ALPHAS], desc="smoothquant+ alpha search", unit="alpha", file=sys.stderr, dynamic_ncols=True):
+        losses["rtn" if a is None else f"{a:.1f}"] = loss_with(a)
     for layer, state in zip(model.layers, original):
         layer.load_state_dict(state)
     best = min(ALPHAS, key=lambda a: losses[f"{a:.1f}"])

@@ -32,7 +32,7 @@ def test_one_window_equals_the_mean_next_token_loss(tiny_dir: Path) -> None:
 @pytest.mark.parametrize("context,stride", [(64, 24), (64, 64), (32, 1)])
 def test_sliding_window_scores_each_token_once_with_its_window_history(tiny_dir: Path, context: int, stride: int) -> None:
     model = load_model(tiny_dir, torch.float32, context)
-    n = 150
+    n = 100
     ids = _ids(n, model.cfg.vocab_size)
     total, count = 0.0, 0
     for j in range(1, n):
