@@ -123,22 +123,37 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(shape)
 
 
+DENSE_POW2_MAX = 256  # up to this order the 2^k factor is one BLAS matmul (cheaper than the butterfly's passes in torch)
+
+
 @lru_cache(maxsize=None)
-def _small_factor(m: int, dtype: torch.dtype) -> torch.Tensor:
-    return small_hadamard(m).t().contiguous().to(dtype)
+def _factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(H_mᵀ/√m or None, H_p/√p or None when the butterfly is used) for the transform of order n."""
+    m, p = factor(n)
+    with torch.inference_mode(False):  # cached across calls: usable by autograd (FlatQuant) too
+        small = None if m == 1 else (small_hadamard(m).t() / m**0.5).to(dtype=dtype, device=device).contiguous()
+        dense = None if p > DENSE_POW2_MAX else (sylvester(p) / p**0.5).to(dtype=dtype, device=device)
+    return small, dense
 
 
-def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
-    """Orthonormal x @ (diag(signs) · H_n / √n) over the last dim, computed fast: the 2^k factor
-    by the butterfly, the small Paley factor (if any) by one matmul over the [m, p] view."""
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, butterfly: bool = False) -> torch.Tensor:
+    """Orthonormal x @ (diag(signs) · H_n / √n) over the last dim, computed fast on the [m, p]
+    view: the 2^k factor as one p×p matmul (or, for p > DENSE_POW2_MAX or butterfly=True, the
+    O(p log p) butterfly) and the small Paley factor as one m×m matmul — p + m multiply-adds per
+    value instead of n."""
     n = x.shape[-1]
     m, p = factor(n)
+    small, dense = _factors(n, x.dtype, x.device)
     if signs is not None:
         x = x * signs.to(x.dtype)
-    y = fwht(x.reshape(*x.shape[:-1], m, p))
-    if m > 1:
-        y = torch.matmul(_small_factor(m, x.dtype), y)
-    return (y * (1.0 / n**0.5)).reshape(x.shape)
+    y = x.reshape(*x.shape[:-1], m, p)
+    if dense is None or butterfly:
+        y = fwht(y) * (1.0 / p**0.5)
+    else:
+        y = torch.matmul(y, dense)
+    if small is not None:
+        y = torch.matmul(small, y)
+    return y.reshape(x.shape)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:

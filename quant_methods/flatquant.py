@@ -46,7 +46,7 @@ from qserve.hadamard import factor, hadamard_matrix, hadamard_transform
 from qserve.linear import register_quant_method
 from qserve.model import CausalLM, DecoderLayer
 from qserve.offline import Quantizer, load_fp_tensors, register_quantizer, write_quantized
-from qserve.w4a4 import W4A4Linear, kron_transform, pack_weight, quantize_weight_sym
+from qserve.w4a4 import W4A4Linear, kron_factors, kron_transform, pack_weight, quantize_weight_sym
 
 DEFAULT_EPOCHS = 4
 DEFAULT_LR = 5e-3
@@ -59,12 +59,6 @@ class FlatQuantLinear(W4A4Linear):
 
 
 # --- learnable pieces -------------------------------------------------------------------------
-
-def decompose(n: int) -> tuple[int, int]:
-    """n = a·b with a the largest divisor not above √n (576 -> 24·24, 1536 -> 32·48)."""
-    a = max(d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0)
-    return a, n // a
-
 
 def init_matrix(n: int, seed: int) -> torch.Tensor:
     """Orthonormal Hadamard of order n if we can build one, else a seeded random orthogonal."""
@@ -152,11 +146,11 @@ class BlockParams(nn.Module):
             xmax = stats.inputs[attr].abs_max.clamp(min=1e-5)
             return (w.abs().amax(0).clamp(min=1e-5).pow(0.7) / xmax.pow(0.3)).clamp(min=1e-5)
 
-        self.qkv = GroupParams(wqkv.shape[0], d, Kron(*decompose(d), seed), sq_scale(wqkv, "qkv"))
+        self.qkv = GroupParams(wqkv.shape[0], d, Kron(*kron_factors(d), seed), sq_scale(wqkv, "qkv"))
         self.o = GroupParams(layer.o_proj.out_features, layer.nh * hd, Kron(layer.nh, None, seed + 10), None)
         self.v = nn.Parameter(init_matrix(hd, seed + 20))
-        self.gate_up = GroupParams(wgu.shape[0], d, Kron(*decompose(d), seed + 30), sq_scale(wgu, "gate_up"))
-        self.down = GroupParams(wd.shape[0], inter, Kron(*decompose(inter), seed + 40), sq_scale(wd, "down"))
+        self.gate_up = GroupParams(wgu.shape[0], d, Kron(*kron_factors(d), seed + 30), sq_scale(wgu, "gate_up"))
+        self.down = GroupParams(wd.shape[0], inter, Kron(*kron_factors(inter), seed + 40), sq_scale(wd, "down"))
 
     def groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Parameter groups: transforms/scales at lr, clips at 10x lr (the authors' split)."""

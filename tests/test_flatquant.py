@@ -18,8 +18,9 @@ from qserve.engine_api import SamplingParams
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
 from qserve.model import load_model
-from qserve.quant_methods.flatquant import BlockParams, Kron, block_forward, decompose, export_block
+from qserve.quant_methods.flatquant import BlockParams, Kron, block_forward, export_block
 from qserve.quant_methods.quarot import DictCheckpoint
+from qserve.w4a4 import kron_factors
 
 
 def fq_args(calib: Path, work: Path, **kw):
@@ -52,7 +53,7 @@ def _perturb(bp: BlockParams, seed: int) -> None:
 
 
 def test_decompose_and_kron_inverse() -> None:
-    assert decompose(576) == (24, 24) and decompose(1536) == (32, 48) and decompose(128) == (8, 16)
+    assert kron_factors(576) == (24, 24) and kron_factors(1536) == (32, 48) and kron_factors(128) == (8, 16)
     kr = Kron(8, 16, seed=0)
     with torch.no_grad():
         kr.left.add_(torch.randn(8, 8) * 0.3)

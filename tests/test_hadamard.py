@@ -36,6 +36,7 @@ def test_fast_transform_equals_dense(n: int) -> None:
     s = random_signs(n, seed=n)
     assert torch.allclose(hadamard_transform(x, s), x @ rotation_matrix(n, s), atol=1e-12)
     assert torch.allclose(hadamard_transform(x), x @ hadamard_matrix(n), atol=1e-12)
+    assert torch.allclose(hadamard_transform(x, s, butterfly=True), x @ rotation_matrix(n, s), atol=1e-12)
 
 
 def test_fwht_is_sylvester_and_transform_preserves_norm() -> None:
