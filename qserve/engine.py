@@ -55,7 +55,7 @@ class EngineConfig:
     dtype: str = "auto"
     threads: int | None = None
     head: str = "auto"  # "int8", "model" (as stored), or "auto": int8 for quantized checkpoints
-    kv_format: str = "model"  # a name registered in qserve.kvcache (the compute dtype by default)
+    kv_format: str = "auto"  # a name registered in qserve.kvcache; auto: cskv for CSKV checkpoints, else model
     bitstack_blocks: int | None = None  # BitStack checkpoints: blocks of the stack to load (None: all)
     attention: str = "sdpa"  # a name registered in qserve.attention
 
@@ -108,8 +108,15 @@ class TorchEngine(Engine):
         self.model = self._load(self.model_dir, self.cfg.bitstack_blocks)
         self.model.attention = get_attention(self.cfg.attention)
         m = self.mcfg
-        self.cache = get_kv_format(self.cfg.kv_format)(
+        fmt = self.cfg.kv_format
+        if fmt == "auto":
+            from qserve.kvformats import kv_compression
+
+            fmt = "cskv" if kv_compression(m) else "model"
+        self.cache = get_kv_format(fmt)(
             m.num_layers, self.cfg.max_num_seqs, self.max_model_len, m.num_kv_heads, m.head_dim, self.dtype)
+        if hasattr(self.cache, "bind"):
+            self.cache.bind(self.model)  # allocate compressed storage now, so nbytes() is exact
         self._thread = threading.Thread(target=self._loop, name="qserve-engine", daemon=True)
         self._thread.start()
 

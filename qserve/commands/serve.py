@@ -31,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", "64")),
                    help="queued requests beyond which new ones get 429")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
+    p.add_argument("--kv-format", choices=["auto", "model", "int8", "int4", "cskv"], default=_env("KV_FORMAT", "auto"),
+                   help="KV cache format: model = the compute dtype; int8/int4 quantized per head and group; "
+                        "auto = cskv for CSKV checkpoints, else model")
+    p.add_argument("--attention", choices=["sdpa", "sage", "sage8"], default=_env("ATTENTION", "sdpa"),
+                   help="attention implementation (sage: SageAttention2-style INT4 QK / FP8 PV)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--head", choices=["auto", "int8", "model"], default=_env("HEAD", "auto"),
                    help="output head precision: auto = int8 for quantized checkpoints, as stored otherwise")
@@ -113,7 +118,7 @@ def plan_start(args: argparse.Namespace, model_dir):
     from qserve.engine import DTYPES
 
     dtype = DTYPES.get(args.dtype, DTYPES["bfloat16"])
-    ctl = BudgetController(model_dir, args.max_model_len, args.max_num_seqs, dtype, args.head)
+    ctl = BudgetController(model_dir, args.max_model_len, args.max_num_seqs, dtype, args.head, args.kv_format)
     if args.memory_budget is None:
         if not (model_dir / "config.json").is_file():
             args.memory_budget = "auto"  # a family directory: choose what fits this machine
@@ -140,7 +145,8 @@ def build_engine(args: argparse.Namespace, model_dir, blocks=None):
         return VLLMEngine(model_dir, name, tokenizer, args), name
     cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting,
-                       dtype=args.dtype, threads=args.threads, head=args.head, bitstack_blocks=blocks)
+                       dtype=args.dtype, threads=args.threads, head=args.head, bitstack_blocks=blocks,
+                       kv_format=args.kv_format, attention=args.attention)
     return TorchEngine(model_dir, name, tokenizer, cfg), name
 
 
