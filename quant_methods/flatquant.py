@@ -46,6 +46,7 @@ from qserve.hadamard import factor, hadamard_matrix, hadamard_transform
 from qserve.linear import register_quant_method
 from qserve.model import CausalLM, DecoderLayer
 from qserve.offline import Quantizer, load_fp_tensors, register_quantizer, write_quantized
+from qserve.quant_methods.quarot import gptq
 from qserve.w4a4 import W4A4Linear, kron_factors, kron_transform, pack_weight, quantize_weight_sym
 
 DEFAULT_EPOCHS = 4
@@ -264,11 +265,27 @@ def block_mse(model: CausalLM, layer: DecoderLayer, bp: BlockParams, inputs: tor
     return total / inputs.shape[0]
 
 
+def transformed_moment(moment: torch.Tensor, kron: Kron, v: torch.Tensor | None,
+                       scale: torch.Tensor | None) -> torch.Tensor:
+    """E[x' x'ᵀ] of the transformed input x' = (x ⊙ s)·(L ⊗ R) (o_proj: x·(O ⊗ T_v)) from E[x xᵀ]."""
+    right = v if v is not None else kron.right
+    m = moment.double()
+    s = None if scale is None else scale.double()
+
+    def apply(rows: torch.Tensor) -> torch.Tensor:
+        return kron_transform(rows if s is None else rows * s, kron.left.double(),
+                              None if right is None else right.double())
+
+    return apply(apply(m).t().contiguous())
+
+
 @torch.no_grad()
-def export_block(layer: DecoderLayer, bp: BlockParams, prefix: str) -> dict[str, torch.Tensor]:
+def export_block(layer: DecoderLayer, bp: BlockParams, prefix: str,
+                 moments: dict[str, torch.Tensor] | None = None, damp: float = 0.01) -> dict[str, torch.Tensor]:
     """The block's stored tensors: transforms and activation clips rounded to fp16 first (what the
     checkpoint keeps; `bp` is updated in place, so block_forward then computes what is served),
-    the weights transformed with those exact matrices, then 4-bit RTN with the learned clips."""
+    the weights transformed with those exact matrices, then 4-bit weights with the learned clips:
+    RTN, or GPTQ when the inputs' second moments (keyed like FUSED_LINEARS) are given."""
     for mod in (bp.qkv.kron, bp.o.kron, bp.gate_up.kron, bp.down.kron):
         for p in (mod.left, mod.right):
             if p is not None:
@@ -281,8 +298,13 @@ def export_block(layer: DecoderLayer, bp: BlockParams, prefix: str) -> dict[str,
     a, m = prefix + "self_attn.", prefix + "mlp."
     out = {prefix + "input_layernorm.weight": w.input_norm, prefix + "post_attention_layernorm.weight": w.post_norm}
 
-    def put(weight: torch.Tensor, gp: GroupParams, names: list[tuple[str, int]]) -> None:
-        q, s = quantize_weight_sym(weight, 4, torch.sigmoid(gp.w_clip))
+    def put(weight: torch.Tensor, gp: GroupParams, names: list[tuple[str, int]], attr: str) -> None:
+        clip = torch.sigmoid(gp.w_clip)
+        if moments is None:
+            q, s = quantize_weight_sym(weight, 4, clip)
+        else:
+            h = transformed_moment(moments[attr], gp.kron, bp.v if attr == "o_proj" else None, gp.scale)
+            q, s = gptq(weight, h, 4, clip, damp)
         extra = {"trans_left": gp.kron.left.half(), "act_clip": torch.sigmoid(gp.a_clip).reshape(1).half()}
         if gp.kron.right is not None:
             extra["trans_right"] = gp.kron.right.half()
@@ -292,10 +314,10 @@ def export_block(layer: DecoderLayer, bp: BlockParams, prefix: str) -> dict[str,
             out.update({name + k: v.clone() for k, v in extra.items()})
             start += rows
 
-    put(w.qkv, bp.qkv, [(a + "q_proj.", h), (a + "k_proj.", kvd), (a + "v_proj.", kvd)])
-    put(w.o, bp.o, [(a + "o_proj.", w.o.shape[0])])
-    put(w.gate_up, bp.gate_up, [(m + "gate_proj.", inter), (m + "up_proj.", inter)])
-    put(w.down, bp.down, [(m + "down_proj.", w.down.shape[0])])
+    put(w.qkv, bp.qkv, [(a + "q_proj.", h), (a + "k_proj.", kvd), (a + "v_proj.", kvd)], "qkv")
+    put(w.o, bp.o, [(a + "o_proj.", w.o.shape[0])], "o_proj")
+    put(w.gate_up, bp.gate_up, [(m + "gate_proj.", inter), (m + "up_proj.", inter)], "gate_up")
+    put(w.down, bp.down, [(m + "down_proj.", w.down.shape[0])], "down")
     return out
 
 
@@ -335,6 +357,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fq-batch", type=int, default=4, help="flatquant: samples per optimisation step (default 4)")
     g.add_argument("--fq-kv-bits", type=int, choices=(4, 16), default=4,
                    help="flatquant: fake-quantize K/V like the int4 KV cache while training (default 4)")
+    g.add_argument("--fq-w-quant", choices=("rtn", "gptq"), default="rtn",
+                   help="flatquant: weights by RTN with the learned clips (default) or GPTQ on the transformed inputs")
     g.add_argument("--fq-work-dir", default=None,
                    help="flatquant: where finished blocks are saved for resuming (default OUT.flatquant-work)")
 
@@ -372,22 +396,25 @@ def run(src: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
             rep = {"block": i, "mse_init": before, "mse_epochs": hist, "seconds": round(time.perf_counter() - t0, 1)}
             torch.save({"settings": settings, "params": bp.state_dict(), "report": rep}, path)
             report.append(rep)
-        tensors.update(export_block(layer, bp, f"model.layers.{i}."))
+        moments = ({n: st.second_moment for n, st in stats.inputs.items()} if args.fq_w_quant == "gptq" else None)
+        tensors.update(export_block(layer, bp, f"model.layers.{i}.", moments))
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             tensors.pop(f"model.layers.{i}.self_attn.{name}.weight", None)
         for name in ("gate_proj", "up_proj", "down_proj"):
             tensors.pop(f"model.layers.{i}.mlp.{name}.weight", None)
 
     try:
-        calibrate_blocks(model, samples, on_block, gram=False, propagate="original", desc="flatquant")
+        calibrate_blocks(model, samples, on_block, gram=args.fq_w_quant == "gptq", propagate="original",
+                         desc="flatquant")
     finally:
         io.remove()
     qcfg = {"quant_method": "qserve-flatquant", "format": "qserve-w4a4-v1", "w_bits": 4, "a_bits": 4,
             "a_clip": 1.0, "group_size": -1, "qk_rotation": "hadamard", "calibration": info,
-            "epochs": args.fq_epochs, "lr": args.fq_lr, "train_kv_bits": args.fq_kv_bits}
+            "epochs": args.fq_epochs, "lr": args.fq_lr, "train_kv_bits": args.fq_kv_bits,
+            "weight_quant": args.fq_w_quant}
     write_quantized(src, out, cfg, tensors, qcfg)
     (work / "report.json").write_text(json.dumps(report, indent=1))
-    return {**info, "epochs": args.fq_epochs, "lr": args.fq_lr, "kv_bits": args.fq_kv_bits,
+    return {**info, "epochs": args.fq_epochs, "lr": args.fq_lr, "kv_bits": args.fq_kv_bits, "w_quant": args.fq_w_quant,
             "seconds_calibration": round(time.perf_counter() - t_start, 1),
             "mse_init_mean": sum(r["mse_init"] for r in report) / len(report),
             "mse_final_mean": sum(r["mse_epochs"][-1] if r["mse_epochs"] else r["mse_init"] for r in report) / len(report)}

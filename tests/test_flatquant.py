@@ -18,14 +18,14 @@ from qserve.engine_api import SamplingParams
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
 from qserve.model import load_model
-from qserve.quant_methods.flatquant import BlockParams, Kron, block_forward, export_block
+from qserve.quant_methods.flatquant import BlockParams, Kron, block_forward, export_block, transformed_moment
 from qserve.quant_methods.quarot import DictCheckpoint
 from qserve.w4a4 import kron_factors
 
 
 def fq_args(calib: Path, work: Path, **kw):
     a = calib_args(calib, group_size=-1, samples=8, seq_len=64)
-    for k, v in {"a_bits": 4, "fq_epochs": 2, "fq_lr": 5e-3, "fq_batch": 4, "fq_kv_bits": 4,
+    for k, v in {"a_bits": 4, "fq_epochs": 2, "fq_lr": 5e-3, "fq_batch": 4, "fq_kv_bits": 4, "fq_w_quant": "rtn",
                  "fq_work_dir": str(work), **kw}.items():
         setattr(a, k, v)
     return a
@@ -61,6 +61,21 @@ def test_decompose_and_kron_inverse() -> None:
     x, w = torch.randn(5, 128, dtype=torch.float64), torch.randn(7, 128, dtype=torch.float64)
     kr = kr.double()
     assert torch.allclose(kr(x) @ kr.weight_side(w).t(), x @ w.t(), atol=1e-9)
+
+
+def test_transformed_moment() -> None:
+    """GPTQ's Hessian of the transformed input, from the original input's second moment."""
+    g = torch.Generator().manual_seed(0)
+    kr = Kron(8, 4, seed=1)
+    with torch.no_grad():
+        kr.left.add_(torch.randn(8, 8, generator=g) * 0.2)
+    s = torch.rand(32, generator=g) + 0.5
+    x = torch.randn(500, 32, generator=g)
+    with torch.no_grad():
+        xt = kr(x * s)
+        want = xt.t() @ xt / 500
+        got = transformed_moment(x.t() @ x / 500, kr, None, s)
+    assert torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_unquantized_transformed_block_is_the_original_block(tiny_dir: Path) -> None:
@@ -161,6 +176,12 @@ def test_resume_skips_finished_blocks(tiny_fq: tuple[Path, Path], tiny_tied_dir:
     assert json.loads((work / "report.json").read_text()) == before
     a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # GPTQ weights are an export choice: the trained blocks are reused, the weights differ
+    g = quantize_dir(tiny_tied_dir, tmp_path / "gptq", "flatquant", **vars(fq_args(calib, work, fq_w_quant="gptq")))
+    assert json.loads((work / "report.json").read_text()) == before
+    c = load_file(g / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.qweight"], c["model.layers.0.mlp.down_proj.qweight"])
+    assert torch.equal(a["model.layers.0.mlp.down_proj.trans_left"], c["model.layers.0.mlp.down_proj.trans_left"])
     quantize_dir(tiny_tied_dir, tmp_path / "other", "flatquant", **vars(fq_args(calib, work, fq_epochs=1)))
     assert [len(r["mse_epochs"]) for r in json.loads((work / "report.json").read_text())] == [1, 1]
 
