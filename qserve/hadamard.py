@@ -146,13 +146,12 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, butte
     small, dense = _factors(n, x.dtype, x.device)
     if signs is not None:
         x = x * signs.to(x.dtype)
-    y = x.reshape(*x.shape[:-1], m, p)
     if dense is None or butterfly:
-        y = fwht(y) * (1.0 / p**0.5)
-    else:
-        y = torch.matmul(y, dense)
+        y = fwht(x.reshape(-1, p)) * (1.0 / p**0.5)
+    else:  # one 2-D GEMM: a batched matmul would broadcast the matrix per row (e.g. q/k [B, H, T, D])
+        y = x.reshape(-1, p) @ dense
     if small is not None:
-        y = torch.matmul(small, y)
+        y = torch.matmul(small, y.view(-1, m, p))
     return y.reshape(x.shape)
 
 
