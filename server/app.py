@@ -129,7 +129,13 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), code=None, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            path = request.url.path
+            methods = {m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(path)
+                       for m in r.methods}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return error_response(exc.status_code, str(exc.detail), code=None, headers=headers or None)
 
     @app.exception_handler(APIError)
     async def _on_api(request: Request, exc: APIError) -> JSONResponse:

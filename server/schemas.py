@@ -50,7 +50,7 @@ class _SamplingFields(_Strict):
     stop: (Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]
            | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LEN)]], Field(max_length=MAX_STOP)]
            | None) = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     user: str | None = Field(default=None, max_length=256)
     # accepted for client compatibility, but only at their neutral values: qserve does not
     # implement penalties or logit bias, and says so in the schema rather than ignoring them
@@ -78,8 +78,8 @@ class CompletionRequest(_SamplingFields):
 
 
 class BudgetRequest(_Strict):
-    memory_budget: Annotated[str, Field(min_length=1, max_length=64)] | Annotated[int, Field(ge=1)] = Field(
-        description="bytes, or a size such as '3GiB', or 'auto'")
+    memory_budget: (Annotated[str, Field(max_length=64, pattern=r"^(?i:\s*(auto|(\d+(\.\d*)?|\.\d+)\s*([kmgt]i?)?b?)\s*)$")]
+                     | Annotated[int, Field(ge=1)]) = Field(description="bytes, or a size such as '3GiB', or 'auto'")
 
 
 class ErrorDetail(BaseModel):

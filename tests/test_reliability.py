@@ -109,7 +109,7 @@ def test_schemathesis_all_checks(tiny_dir: Path) -> None:
         tail = r.stdout[-3000:]
         print(tail)
         assert r.returncode == 0, tail
-        assert "No issues found" in r.stdout, tail
+        assert " passed" in tail and "failed" not in tail.split("SUMMARY")[-1], tail
     finally:
         proc.terminate()
         proc.wait(timeout=60)
