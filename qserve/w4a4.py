@@ -229,9 +229,9 @@ class W4A4Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] <= ROW_CHUNK:
+        if x2.shape[0] <= ROW_CHUNK or x2.is_cuda:
             y = self._rows(x2)
-        else:  # long prefills in row chunks: the fp32 temporaries stay cache-sized
+        else:  # long CPU prefills in row chunks: the fp32 temporaries stay cache-sized
             y = torch.empty(x2.shape[0], self.out_features, dtype=self.dtype, device=x.device)
             for i in range(0, x2.shape[0], ROW_CHUNK):
                 y[i:i + ROW_CHUNK] = self._rows(x2[i:i + ROW_CHUNK])
