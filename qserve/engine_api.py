@@ -24,6 +24,22 @@ class EngineBusy(QServeError):
         self.status = status
 
 
+def check_admission(prompt_ids: list[int], params: "SamplingParams", max_model_len: int, stopping: bool,
+                    waiting: float, max_waiting: int) -> None:
+    """The admission rules every engine applies before queueing a request."""
+    if not prompt_ids:
+        raise RequestRejected("the prompt is empty")
+    if len(prompt_ids) + params.max_tokens > max_model_len:
+        raise RequestRejected(
+            f"this model's maximum context length is {max_model_len} tokens; the request "
+            f"asks for {len(prompt_ids)} prompt + {params.max_tokens} completion tokens"
+        )
+    if stopping:
+        raise EngineBusy("the engine is shutting down", status=503)
+    if waiting >= max_waiting:
+        raise EngineBusy("too many requests are waiting; retry later")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
