@@ -43,8 +43,10 @@ VARIANTS: list[tuple[str, str | None, list[str], str]] = [
     ("QuaRot W4A4 (RTN weights)", "quarot-rtn-w4a4", ["--method", "quarot", "--w-quant", "rtn"], "model"),
     ("QuaRot W4A4 (GPTQ weights)", "quarot-w4a4", QUAROT, "model"),
     ("QuaRot W4A4KV4", "quarot-w4a4", QUAROT, "int4"),
-    ("FlatQuant W4A4", "flatquant-w4a4", FLATQUANT, "model"),
-    ("FlatQuant W4A4KV4", "flatquant-w4a4", FLATQUANT, "int4"),
+    ("FlatQuant W4A4 (RTN weights, learned clips)", "flatquant-w4a4", FLATQUANT, "model"),
+    ("FlatQuant W4A4KV4 (RTN weights)", "flatquant-w4a4", FLATQUANT, "int4"),
+    ("FlatQuant W4A4 (GPTQ weights)", "flatquant-gptq-w4a4", FLATQUANT + ["--fq-w-quant", "gptq"], "model"),
+    ("FlatQuant W4A4KV4 (GPTQ weights)", "flatquant-gptq-w4a4", FLATQUANT + ["--fq-w-quant", "gptq"], "int4"),
     ("AWQ W4A16 g128 (reference)", "awq-w4g128", ["--method", "awq", "--group-size", "128"], "model"),
 ]
 
@@ -121,7 +123,9 @@ def main() -> None:
             runs.append((label, src, kv, torch.float32 if label == "fp32" else torch.bfloat16, None))
             continue
         if name not in quant:
-            extra = args.flatquant_args.split() if "flatquant" in qargs else []
+            # both FlatQuant variants share one work dir: the GPTQ export reuses the trained blocks
+            extra = (args.flatquant_args.split() + ["--fq-work-dir", str(work / "flatquant-w4a4.flatquant-work")]
+                     if "flatquant" in qargs else [])
             quant[name] = quantize(src, work / name, qargs + extra)
         runs.append((label, work / name, kv, getattr(torch, args.dtype), quant[name]))
 
@@ -155,7 +159,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, path, kv, ppl, tokens, wbytes, secs, q in rows:
-        qs = "-" if q is None else ("(reused)" if q["reused"] else f"{q['seconds']:.0f}")
+        qs = "-" if q is None else (f"{q['provenance'].get('seconds', 0):.0f} (earlier run)" if q["reused"]
+                                    else f"{q['seconds']:.0f}")
         rss = "-" if q is None or q["reused"] else f"{q['peak_mib']:.0f}"
         lines.append(f"| {label} | {'int4' if kv == 'int4' else 'dense'} | {ppl:.3f} | {ppl / fp - 1:+.1%} | "
                      f"{wbytes / 2**20:.1f} | {qs} | {rss} | {secs:.0f} |")
