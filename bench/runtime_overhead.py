@@ -1,11 +1,12 @@
 """Runtime overhead for the planner: RSS of `qserve serve` beyond its weights and KV cache.
 
-Starts the server on each model, waits for /ready, sends one completion request (a prefill chunk
-and some decode steps), then reads the process's VmRSS and VmHWM (peak) from /proc and
-subtracts the weights (qserve.planner.resident_weight_bytes, the bytes the runtime holds) and
-the KV cache. The KV cache is kept small (--max-model-len 512, --max-num-seqs 1; the prompt fills ~300 positions) because its
-zero-filled pages only become resident when written; what remains is the interpreter, torch,
-the tokenizer, FastAPI/uvicorn and the activations of a forward.
+Starts the server on each model, waits for /ready, reads the baseline the server measured for
+itself (RSS once the serving stack and tokenizer are loaded, from /admin/memory-budget), sends
+SEQS completion requests that fill every KV slot (--max-model-len 512), then reads VmRSS and
+VmHWM (peak) from /proc. Reported: the peak less weights (qserve.planner.resident_weight_bytes,
+the bytes the runtime holds) and KV ("overhead", what RUNTIME_OVERHEAD estimates offline), and
+that less the baseline ("working": model-load transients and the activations of requests, what
+WORKING_OVERHEAD allows for).
 
 Run: python bench/runtime_overhead.py MODEL_DIR [MODEL_DIR ...]
 """
@@ -25,9 +26,10 @@ from pathlib import Path
 import torch
 
 from qserve.config import load_config
-from qserve.planner import int8_head_default, kv_bytes, resident_weight_bytes
+from qserve.planner import WORKING_OVERHEAD, int8_head_default, kv_bytes, resident_weight_bytes
 
-MAX_LEN, SEQS = 512, 1
+MAX_LEN, SEQS = 512, 4
+ADMIN = "overhead-bench"
 
 
 def _free_port() -> int:
@@ -46,7 +48,7 @@ def _status_kib(pid: int, key: str) -> int:
 def measure(model_dir: Path) -> dict[str, float]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "qserve.cli", "serve", str(model_dir), "--port", str(port),
-                             "--max-model-len", str(MAX_LEN), "--max-num-seqs", str(SEQS), "--log-level", "warning"],
+                             "--max-model-len", str(MAX_LEN), "--max-num-seqs", str(SEQS), "--admin-token", ADMIN, "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -59,10 +61,13 @@ def measure(model_dir: Path) -> dict[str, float]:
         else:
             raise RuntimeError("server did not become ready")
         model_id = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
-        body = json.dumps({"model": model_id, "prompt": "The quick brown fox jumps over the lazy dog. " * 25,
-                           "max_tokens": 16, "temperature": 0}).encode()
-        req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=300).read()
+        status = urllib.request.Request(base + "/admin/memory-budget", headers={"Authorization": f"Bearer {ADMIN}"})
+        baseline = json.load(urllib.request.urlopen(status))["overhead_bytes"] - WORKING_OVERHEAD
+        body = json.dumps({"model": model_id, "prompt": "fox " * 200, "max_tokens": MAX_LEN - 260,
+                           "ignore_eos": True, "temperature": 0}).encode()
+        for _ in range(SEQS):
+            req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=600).read()
         rss, hwm = _status_kib(proc.pid, "VmRSS") * 1024, _status_kib(proc.pid, "VmHWM") * 1024
     finally:
         proc.terminate()
@@ -78,7 +83,8 @@ def measure(model_dir: Path) -> dict[str, float]:
     kv = kv_bytes(cfg, MAX_LEN, SEQS, torch.bfloat16)
     mib = 2**20
     return {"weights_mib": weights / mib, "kv_mib": kv / mib, "rss_mib": rss / mib, "peak_mib": hwm / mib,
-            "overhead_mib": (rss - weights - kv) / mib, "peak_overhead_mib": (hwm - weights - kv) / mib}
+            "baseline_mib": baseline / mib, "peak_overhead_mib": (hwm - weights - kv) / mib,
+            "working_mib": (hwm - weights - kv - baseline) / mib}
 
 
 def main() -> None:
@@ -86,12 +92,12 @@ def main() -> None:
     ap.add_argument("models", nargs="+", type=Path)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, pid {os.getpid()}; MiB")
-    print("| model | weights | KV | RSS | peak RSS | RSS - weights - KV | peak - weights - KV |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | weights | KV | baseline | RSS | peak RSS | overhead = peak - weights - KV | working = overhead - baseline |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in args.models:
         r = measure(m)
-        print(f"| {m.name} | {r['weights_mib']:.1f} | {r['kv_mib']:.2f} | {r['rss_mib']:.0f} | {r['peak_mib']:.0f} | "
-              f"{r['overhead_mib']:.0f} | {r['peak_overhead_mib']:.0f} |", flush=True)
+        print(f"| {m.name} | {r['weights_mib']:.1f} | {r['kv_mib']:.2f} | {r['baseline_mib']:.0f} | {r['rss_mib']:.0f} | "
+              f"{r['peak_mib']:.0f} | {r['peak_overhead_mib']:.0f} | {r['working_mib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

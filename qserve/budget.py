@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from qserve.errors import ConfigError
-from qserve.planner import Choice, Plan, plan
-from qserve.sysmem import format_bytes, parse_budget
+from qserve.planner import RUNTIME_OVERHEAD, Choice, Plan, plan
+from qserve.sysmem import format_bytes, parse_budget, process_memory
 
 
 def budget_bytes(value: str | int) -> int:
@@ -37,6 +37,8 @@ class BudgetController:
     dtype: torch.dtype
     head: str = "auto"
     kv_format: str = "model"
+    overhead: int = RUNTIME_OVERHEAD  # bytes beside weights and KV (planner.serving_overhead)
+    overhead_source: str = "estimate"
     budget: int = 0
     plan: Plan | None = None
     resizes: int = 0
@@ -46,7 +48,7 @@ class BudgetController:
     def plan_for(self, budget: int) -> Plan:
         """The plan for `budget` (BudgetError naming the smallest viable budget when none fits)."""
         return plan(self.family_dir, budget, self.context, self.concurrency, dtype=self.dtype, head=self.head,
-                    kv_format=self.kv_format)
+                    kv_format=self.kv_format, overhead=self.overhead)
 
     def start(self, budget: int) -> Choice:
         self.budget = budget
@@ -69,7 +71,10 @@ class BudgetController:
 
     def status(self) -> dict[str, Any]:
         c = self.plan.choice if self.plan else None
+        mem = process_memory()
         return {"budget": self.budget, "budget_human": format_bytes(self.budget), "resizes": self.resizes,
                 "variant": c.name if c else None, "blocks": c.blocks if c else None,
                 "planned_bytes": c.bytes if c else None, "context": self.context, "concurrency": self.concurrency,
+                "overhead_bytes": self.overhead, "overhead_source": self.overhead_source,
+                "rss_bytes": mem.get("rss"), "peak_rss_bytes": mem.get("peak"),
                 "table": self.plan.table() if self.plan else None}

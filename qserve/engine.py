@@ -30,6 +30,7 @@ from qserve.attention import get_attention
 from qserve.kvcache import Batch, KVCache, get_kv_format
 from qserve.model import CausalLM, load_model
 from qserve.sampling import make_generator, sample
+from qserve.sysmem import release_free_memory
 
 log = logging.getLogger("qserve.engine")
 
@@ -127,9 +128,12 @@ class TorchEngine(Engine):
             from qserve.quant_methods.bitstack_stack import BitStackStack
 
             self.stack = BitStackStack(model_dir)
-            return self.stack.load_model(blocks, self.dtype, self.max_model_len, int8_head=int8_head)
-        self.stack = None
-        return load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
+            model = self.stack.load_model(blocks, self.dtype, self.max_model_len, int8_head=int8_head)
+        else:
+            self.stack = None
+            model = load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
+        release_free_memory()
+        return model
 
     def resident_weight_bytes(self) -> int:
         if self.model is None:
@@ -172,6 +176,7 @@ class TorchEngine(Engine):
             if in_place:
                 n = cmd["blocks"] if cmd["blocks"] is not None else self.stack.total_blocks
                 report = self.stack.apply(self.model, n)
+                release_free_memory()  # dropped blocks leave the process, not just the model
                 mode = f"in place: +{report.added} / -{report.dropped} blocks, {report.bytes_read} bytes read"
             else:
                 new_cfg = load_config(cmd["dir"])

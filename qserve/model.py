@@ -21,6 +21,7 @@ from qserve.hadamard import qk_transform
 from qserve.kvcache import Batch, KVCache
 from qserve.kvformats import kv_layer_module
 from qserve.linear import build_linear
+from qserve.sysmem import release_free_memory
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +126,10 @@ class CausalLM(nn.Module):
         self.cfg, self.dtype = cfg, dtype
         emb = ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         self.embed = nn.Parameter(emb.to(dtype), requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ckpt, dtype) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList()
+        for i in range(cfg.num_layers):
+            self.layers.append(DecoderLayer(cfg, i, ckpt, dtype))
+            release_free_memory()  # a layer's load temporaries, so the load peaks near the final size
         self.norm = RMSNorm(ckpt.get("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps, dtype)
         head = [ckpt.get_many("lm_head.")] if "lm_head.weight" in ckpt or ckpt.names("lm_head.") else None
         if head is None:

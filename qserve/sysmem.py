@@ -8,6 +8,7 @@ more than the host's MemAvailable. Every reader takes a `root` so tests can poin
 
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,36 @@ def parse_budget(text: str, *, root: str | Path = "/") -> int:
     if value <= 0:
         raise ConfigError(f"memory budget {text!r} must be larger than zero")
     return value
+
+
+def process_memory(pid: int | str = "self", *, root: str | Path = "/") -> dict[str, int]:
+    """Resident set size now ("rss") and at its peak ("peak") in bytes, from /proc/PID/status.
+
+    Empty where /proc has no such file (not Linux): callers fall back to estimates.
+    """
+    keys = {"VmRSS": "rss", "VmHWM": "peak"}
+    try:
+        lines = (Path(root) / f"proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in keys:
+            out[keys[key]] = int(value.split()[0]) * 1024
+    return out
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere.
+
+    Why: glibc keeps the temporaries of loading a model (hundreds of MiB for a quantized one)
+    in its arenas, so RSS stays above what the planner budgets until something trims them.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def format_bytes(n: int) -> str:

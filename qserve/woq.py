@@ -36,14 +36,21 @@ def check_woq_config(bits: int, group_size: int) -> None:
         raise ConfigError(f"weight-only bits must be 3, 4 or 8, got {bits}")
 
 
+_ROW_CHUNK = 4096
+
+
 def quantize_weight(
     w: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float | None = None
 ) -> dict[str, torch.Tensor]:
     """RTN-quantize one [N, K] weight into the stored format (3-bit codes share the 4-bit layout)."""
     check_woq_config(bits, group_size)
-    if bits == 8:
-        q, s = quantize_sym(w, 8, -1)
-        return {"qweight": q, "scales": s.to(torch.float16)}
+    if bits == 8:  # per row, in row chunks: a vocab-sized head never needs a whole fp32 copy
+        q = torch.empty(w.shape, dtype=torch.int8)
+        s = torch.empty(w.shape[0], 1, dtype=torch.float16)
+        for i in range(0, w.shape[0], _ROW_CHUNK):
+            qi, si = quantize_sym(w[i:i + _ROW_CHUNK], 8, -1)
+            q[i:i + _ROW_CHUNK], s[i:i + _ROW_CHUNK] = qi, si
+        return {"qweight": q, "scales": s}
     q, s, z = quantize_asym(w, bits, group_size, clip)
     s16 = s.to(torch.float16)
     # requantize against the fp16 scale actually stored, so dequant(stored) is the RTN grid

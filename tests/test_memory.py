@@ -9,30 +9,37 @@ import torch
 
 from server_util import start_cli_server
 from qserve.config import load_config
-from qserve.planner import RUNTIME_OVERHEAD, kv_bytes, resident_weight_bytes
+from qserve.planner import WORKING_OVERHEAD, kv_bytes, resident_weight_bytes
+from qserve.sysmem import process_memory
 
-
-def _status_bytes(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+ADMIN = {"Authorization": "Bearer memory-admin"}
 
 
 def test_peak_rss_within_10_percent_of_plan(tiny_dir: Path) -> None:
+    """Weights and KV come from the planner's formulas (from headers, nothing loaded); the overhead
+    is the one the server measured for itself at start (its baseline RSS + WORKING_OVERHEAD)."""
     ctx, seqs = 512, 4
     proc, base = start_cli_server(tiny_dir, "--served-model-name", "tiny", "--max-model-len", str(ctx),
-                                  "--max-num-seqs", str(seqs), "--log-level", "warning")
+                                  "--max-num-seqs", str(seqs), "--admin-token", "memory-admin",
+                                  "--log-level", "warning")
     try:
+        status = httpx.get(base + "/admin/memory-budget", headers=ADMIN).json()
         for i in range(seqs):  # touch every slot's KV pages, as a full server would
             r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "fox " * 200,
                                                            "max_tokens": ctx - 260, "ignore_eos": True}, timeout=300)
             assert r.status_code == 200
-        peak = _status_bytes(proc.pid, "VmHWM")
+        peak = process_memory(proc.pid)["peak"]
+        assert httpx.get(base + "/admin/memory-budget", headers=ADMIN).json()["peak_rss_bytes"] == peak
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    cfg = load_config(tiny_dir)
-    plan = resident_weight_bytes(tiny_dir, torch.bfloat16) + kv_bytes(cfg, ctx, seqs, torch.bfloat16) + RUNTIME_OVERHEAD
-    print(f"peak RSS {peak / 2**20:.0f} MiB, plan {plan / 2**20:.0f} MiB ({peak / plan:.2f}x)")
-    assert abs(peak - plan) <= 0.10 * plan, (peak, plan)
+    assert status["overhead_source"] == "measured"
+    overhead = status["overhead_bytes"]
+    baseline = overhead - WORKING_OVERHEAD
+    assert 0 < baseline <= status["rss_bytes"]  # measured before the weights were loaded
+    weights = resident_weight_bytes(tiny_dir, torch.bfloat16)
+    kv = kv_bytes(load_config(tiny_dir), ctx, seqs, torch.bfloat16)
+    plan = weights + kv + overhead
+    print(f"peak RSS {peak / 2**20:.0f} MiB, plan {plan / 2**20:.0f} MiB ({peak / plan:.2f}x): baseline "
+          f"{baseline / 2**20:.0f}, weights {weights / 2**20:.1f}, KV {kv / 2**20:.1f} MiB")
+    assert abs(peak - plan) <= 0.10 * plan, (peak, plan, baseline, weights, kv)

@@ -51,6 +51,17 @@ def test_kernel_matches_reference(bits: int, gs: int, k: int) -> None:
     assert float((y - yr).abs().max()) <= 0.02 * float(yr.abs().max())
 
 
+def test_int8_row_chunks_match_whole_matrix() -> None:
+    """The int8 head is quantized in row chunks (bounded load memory); chunking must not change it."""
+    from qserve.groupquant import quantize_sym
+
+    w = torch.randn(9000, 64, generator=torch.Generator().manual_seed(4))  # > 2 chunks, ragged last
+    st = quantize_weight(w, 8, -1)
+    q, s = quantize_sym(w, 8, -1)
+    assert torch.equal(st["qweight"], q)
+    assert torch.equal(st["scales"], s.to(torch.float16))
+
+
 def test_int4_checkpoint_3x_smaller(tiny_dir, tiny_rtn4_dir) -> None:
     """Linear weights in the int4 checkpoint are at least 3x smaller than fp16."""
     from qserve.checkpoint import Checkpoint

@@ -54,6 +54,7 @@ def test_budget_lowered_and_raised_during_streams(bitstack_dir: Path) -> None:
     max_block = max(nb for *_, nb in stack.stack)
     proc, base = start_cli_server(bitstack_dir, "--served-model-name", "tiny", "--max-model-len", str(CTX),
                                   "--max-num-seqs", str(SEQS), "--memory-budget", str(_budget_for(stack, n_full)),
+                                  "--runtime-overhead", str(RUNTIME_OVERHEAD),
                                   "--admin-token", "resize-admin", "--log-level", "warning")
     try:
         assert _gauges(base)["qserve_bitstack_blocks"] == n_full

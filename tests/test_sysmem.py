@@ -13,6 +13,7 @@ from qserve.sysmem import (
     available_memory,
     format_bytes,
     parse_budget,
+    process_memory,
 )
 
 GiB = 2**30
@@ -159,3 +160,15 @@ def test_format_bytes() -> None:
     assert format_bytes(3 * GiB) == "3.00 GiB"
     assert format_bytes(1536) == "1.50 KiB"
     assert format_bytes(12) == "12 B"
+
+
+def test_process_memory_reads_proc_status(tmp_path: Path) -> None:
+    (tmp_path / "proc/42").mkdir(parents=True)
+    (tmp_path / "proc/42/status").write_text("Name:\tpython\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n")
+    assert process_memory(42, root=tmp_path) == {"rss": 1024 * 1024, "peak": 2048 * 1024}
+    assert process_memory(43, root=tmp_path) == {}
+
+
+def test_process_memory_of_this_process() -> None:
+    mem = process_memory()
+    assert 0 < mem["rss"] <= mem["peak"]

@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-budget", default=_env("MEMORY_BUDGET"),
                    help="serve the best variant that fits: bytes, a size (3GiB) or 'auto' (the container's "
                         "memory limit); MODEL may be a family directory of variants (see qserve plan)")
+    p.add_argument("--runtime-overhead", default=_env("RUNTIME_OVERHEAD", "measure"),
+                   help="bytes the budget planner adds to weights + KV: 'measure' (this process's RSS once "
+                        "the serving stack and tokenizer are loaded, plus an allowance for requests) or a size")
     p.add_argument("--engine", choices=["torch", "vllm"], default=_env("ENGINE", "torch"))
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_env("DTYPE", "auto"))
     p.add_argument("--max-model-len", type=int, default=int(_env("MAX_MODEL_LEN", "2048")))
@@ -112,13 +115,40 @@ def resolve_model(source: str):
         raise CheckpointError(f"cannot resolve model {source!r}: {e}") from e
 
 
+def tokenizer_dir(family_dir):
+    """Where the tokenizer is: the checkpoint itself, or the first variant of a family holding one
+    (variants of one model share it: `qserve quantize` copies the tokenizer files)."""
+    from qserve.planner import discover
+
+    if (family_dir / "config.json").is_file():
+        return family_dir
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    return next((v.dir for v in discover(family_dir) if any((v.dir / n).is_file() for n in names)), family_dir)
+
+
+def runtime_overhead(value: str) -> tuple[int, str]:
+    """The planner's overhead: measured in this process (see planner.serving_overhead) or given."""
+    from qserve.planner import serving_overhead
+    from qserve.sysmem import parse_budget, process_memory
+
+    if value.strip().lower() != "measure":
+        return parse_budget(value), "given"
+    rss = process_memory().get("rss")
+    return serving_overhead(rss), "measured" if rss else "estimate"
+
+
 def plan_start(args: argparse.Namespace, model_dir):
-    """The budget controller and the variant to start with (model_dir itself when no budget)."""
+    """The budget controller and the variant to start with (model_dir itself when no budget).
+
+    Call it once the serving stack and the tokenizer are loaded: the overhead is measured then.
+    """
     from qserve.budget import BudgetController, budget_bytes
     from qserve.engine import DTYPES
 
     dtype = DTYPES.get(args.dtype, DTYPES["bfloat16"])
-    ctl = BudgetController(model_dir, args.max_model_len, args.max_num_seqs, dtype, args.head, args.kv_format)
+    overhead, source = runtime_overhead(args.runtime_overhead)
+    ctl = BudgetController(model_dir, args.max_model_len, args.max_num_seqs, dtype, args.head, args.kv_format,
+                           overhead, source)
     if args.memory_budget is None:
         if not (model_dir / "config.json").is_file():
             args.memory_budget = "auto"  # a family directory: choose what fits this machine
@@ -129,15 +159,13 @@ def plan_start(args: argparse.Namespace, model_dir):
     return ctl, choice.dir, choice.blocks
 
 
-def build_engine(args: argparse.Namespace, model_dir, blocks=None):
+def build_engine(args: argparse.Namespace, model_dir, tokenizer, blocks=None):
     from qserve.checkpoint import Checkpoint
     from qserve.config import load_config
     from qserve.engine import EngineConfig, TorchEngine
-    from qserve.tokenizer import load_tokenizer
 
     load_config(model_dir)
     Checkpoint(model_dir)  # validates every header before the server starts
-    tokenizer = load_tokenizer(model_dir)
     name = args.served_model_name or model_dir.name
     if args.engine == "vllm":
         from qserve.vllm_engine import VLLMEngine
@@ -192,8 +220,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no model given (argument or QSERVE_MODEL)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     family_dir = resolve_model(args.model)
+    from qserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir(family_dir))
     budget, model_dir, blocks = plan_start(args, family_dir)
-    engine, name = build_engine(args, model_dir, blocks)
+    engine, name = build_engine(args, model_dir, tokenizer, blocks)
     if args.served_model_name is None and model_dir != family_dir:
         name = family_dir.name
     failed: list[str] = []
