@@ -93,6 +93,8 @@ def main() -> int:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--refine-steps", type=int, default=60)
     p.add_argument("--refine-windows", type=int, default=16)
+    p.add_argument("--refine-ratios", nargs="*", default=["0.5"],
+                   help="ratios whose factors are refined with Adam (the others keep the whitened SVD)")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip them")
     p.add_argument("--only", nargs="*", default=None, help="row names to run (default all)")
@@ -109,10 +111,13 @@ def main() -> int:
     def cskv_dir(r: float, steps: int) -> Path:
         return work / f"{args.model}-cskv{r}-w{args.window}-s{steps}"
 
+    refined = {float(r) for r in args.refine_ratios}
     for r in RATIOS:
-        rows.append((f"CSKV {r}", cskv_dir(r, args.refine_steps), "cskv", "sdpa"))
-        rows.append((f"CSKV {r} + int4 features", cskv_dir(r, args.refine_steps), "cskv", "sdpa"))
-    rows.append(("CSKV 0.3, SVD init only", cskv_dir(0.3, 0), "cskv", "sdpa"))
+        steps = args.refine_steps if r in refined else 0
+        tag = "" if steps else " (SVD init only)"
+        rows.append((f"CSKV {r}{tag}", cskv_dir(r, steps), "cskv", "sdpa"))
+        rows.append((f"CSKV {r}{tag} + int4 features", cskv_dir(r, steps), "cskv", "sdpa"))
+    rows += [(f"CSKV {r} (SVD init only)", cskv_dir(r, 0), "cskv", "sdpa") for r in sorted(refined, reverse=True)]
     rows += [("Sage INT4 QK / FP8 PV", None, "model", "sage"), ("Sage INT8 QK / FP8 PV", None, "model", "sage8"),
              ("Sage INT4, no Q smoothing (decode arithmetic)", None, "model", "sage-decode")]
     register_attention("sage-decode", partial(sage_attention, smooth_q=False))
@@ -126,7 +131,8 @@ def main() -> int:
               f"{args.context}, stride {args.context}), bf16 compute, one run. KV bytes/token: all "
               f"{cfg.num_layers} layers; CSKV adds a per-sequence window of {args.window} full-precision tokens, "
               f"counted in the 'at {args.context}' column. CSKV: factors from {args.samples} x 512 calibration tokens, refined "
-              f"with {args.refine_steps} Adam steps/layer (batch 1) on {args.refine_windows} windows of 256 tokens; "
+              f"(ratios {' '.join(args.refine_ratios)}) with {args.refine_steps} Adam steps/layer (batch 1) on "
+              f"{args.refine_windows} windows of 256 tokens, the others whitened SVD only; "
               "'+ int4 features' reuses those factors with int4 cached features (groups of 32, no "
               "quantization-aware refinement).\n\n"
               "| variant | KV format | attention | KV bytes/token | vs bf16 | KV MiB/seq at "
@@ -142,7 +148,7 @@ def main() -> int:
             continue
         model_dir = src
         if ckpt is not None:
-            model_dir = make_cskv(src, ckpt, float(name.split()[1].rstrip(",")), int(ckpt.name.rsplit("-s", 1)[1]), args)
+            model_dir = make_cskv(src, ckpt, float(name.split()[1]), int(ckpt.name.rsplit("-s", 1)[1]), args)
             if "int4 features" in name:
                 model_dir = with_feature_bits(model_dir, ckpt.with_name(ckpt.name + "-f4"), 4)
         mcfg = load_config(model_dir)

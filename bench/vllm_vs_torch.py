@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,12 +35,13 @@ def build(engine: str, model_dir: Path, dtype: str, args: argparse.Namespace) ->
         from qserve.vllm_engine import VLLMEngine
 
         ns = argparse.Namespace(max_model_len=args.max_model_len, max_num_seqs=seqs, dtype=dtype,
-                                enforce_eager=args.eager)
+                                enforce_eager=args.eager, threads=args.threads)
         return VLLMEngine(model_dir, model_dir.name, tok, ns)
     from qserve.engine import EngineConfig, TorchEngine
 
     return TorchEngine(model_dir, model_dir.name, tok,
-                       EngineConfig(max_model_len=args.max_model_len, max_num_seqs=seqs, dtype=dtype))
+                       EngineConfig(max_model_len=args.max_model_len, max_num_seqs=seqs, dtype=dtype,
+                                    threads=args.threads))
 
 
 async def one_batch(eng: Engine, prompts: list[list[int]], n: int) -> tuple[float, float]:
@@ -94,6 +96,7 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all)")
     ap.add_argument("--engines", nargs="+", default=["torch", "vllm"])
     ap.add_argument("--one", nargs=3, metavar=("ENGINE", "DIR", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -107,9 +110,11 @@ def main() -> int:
 
         src = pull("smollm2-135m")
     passthrough = ["--batches", *map(str, args.batches), "--tokens", str(args.tokens), "--prompt-len",
-                   str(args.prompt_len), "--max-model-len", str(args.max_model_len)] + (["--eager"] if args.eager else [])
+                   str(args.prompt_len), "--max-model-len", str(args.max_model_len)] + (["--eager"] if args.eager else []) \
+        + ([] if args.threads is None else ["--threads", str(args.threads)])
     lines = [f"model {src.name}, prompt {args.prompt_len} tokens, {args.tokens} generated per stream, "
-             f"w4 = RTN int4 g{args.group_size}, vLLM {'eager' if args.eager else 'compiled'}", "",
+             f"w4 = RTN int4 g{args.group_size}, vLLM {'eager' if args.eager else 'compiled'}, "
+             f"threads {args.threads or 'all'}, load average {os.getloadavg()[0]:.1f}", "",
              "| engine | variant | batch | prefill tok/s | decode tok/s | start s |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         from qserve.offline import quantizers

@@ -62,9 +62,9 @@ DEFAULT_CONTEXT = 2048  # the engine's default max_model_len
 DEFAULT_CONCURRENCY = 8  # the engine's default max_num_seqs
 # Why measured rather than fixed: the import footprint differs between machines (CI saw a server
 # 88 MiB larger than this machine's for the same tiny model), so a constant cannot hold 10%.
-# Measured by bench/runtime_overhead.py (torch 2.13 CPU, 4 concurrent ~500-token requests): RSS
-# growth past the serving baseline, less weights and KV, was WORKING_MEASURED for the tiny model
-# and SmolLM2-135M bf16; WORKING_OVERHEAD rounds up the larger.
+# Measured by bench/runtime_overhead.py (torch 2.13 CPU, 4 requests filling 512-token KV slots):
+# peak RSS past the serving baseline, less weights and KV, was 33 MiB for the tiny model, 15 MiB
+# for SmolLM2-135M bf16 and 32 MiB for its RTN int4 g32; WORKING_OVERHEAD rounds up the largest.
 WORKING_OVERHEAD = 48 * 2**20
 # Offline estimate (no serving process to measure): a SmolLM2-135M bf16 server's peak beyond
 # weights + KV on this project's dev machine.
