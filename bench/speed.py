@@ -72,6 +72,37 @@ def _measure(model_dir: str, dtype: str, batches: list[int], prefills: list[int]
     return out
 
 
+def _transformers(model_dir: str, dtype: str, prefills: list[int], tokens: int, repeats: int,
+                  threads: int | None) -> dict:
+    """Runs in a child process: `transformers.generate`, batch 1, greedy. Decode tok/s is
+    (tokens - 1) / (time for `tokens` new tokens - time for one), so the prompt is not counted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+
+    def gen(prompt_len: int, n: int) -> float:
+        ids = torch.tensor([[(100 + j) % 1000 + 10 for j in range(prompt_len)]])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    gen(32, 4)
+    dec = statistics.median((tokens - 1) / (gen(32, tokens) - gen(32, 1)) for _ in range(repeats))
+    out = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+           "threads": torch.get_num_threads(), "decode": {1: dec}, "prefill": {}}
+    for p in prefills:
+        gen(p, 1)
+        ttft = statistics.median(gen(p, 1) for _ in range(repeats))
+        out["prefill"][p] = {"tok_s": p / ttft, "ttft_ms": 1000 * ttft}
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
 def _llama_cpp(gguf: Path, batches: list[int], prefills: list[int], tokens: int, repeats: int, threads: int) -> dict | None:
     """llama.cpp through llama-cpp-python, batch 1 only (its high-level API serves one sequence)."""
     try:
@@ -115,13 +146,17 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4-g32", "int4-g128"])
+    ap.add_argument("--no-transformers", action="store_true", help="skip the transformers.generate rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "speed.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        d, dtype = args.child.split("::")
-        print(json.dumps(_measure(d, dtype, args.batches, args.prefill, args.tokens, args.repeats,
-                                  args.prefill_chunk, args.threads)))
+        d, dtype, engine = args.child.split("::")
+        if engine == "hf":
+            print(json.dumps(_transformers(d, dtype, args.prefill, args.tokens, args.repeats, args.threads)))
+        else:
+            print(json.dumps(_measure(d, dtype, args.batches, args.prefill, args.tokens, args.repeats,
+                                      args.prefill_chunk, args.threads)))
         return 0
 
     from qserve.offline import quantizers
@@ -144,10 +179,12 @@ def main() -> int:
         elif v.startswith("int4-g"):
             rtn.run(src, tmp / v, argparse.Namespace(bits=4, group_size=int(v[6:])))
             dirs[v] = (tmp / v, "bfloat16")
+    runs = [(v, *dirs[v], "qserve") for v in args.variants]
+    if not args.no_transformers:
+        runs += [(f"transformers {dt}", src, dt, "hf") for dt in ("float32", "bfloat16")]
     rows: dict[str, dict] = {}
-    for v in args.variants:
-        d, dtype = dirs[v]
-        cmd = [sys.executable, __file__, "--child", f"{d}::{dtype}", "--batches", *map(str, args.batches),
+    for v, d, dtype, engine in runs:
+        cmd = [sys.executable, __file__, "--child", f"{d}::{dtype}::{engine}", "--batches", *map(str, args.batches),
                "--prefill", *map(str, args.prefill), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                "--prefill-chunk", str(args.prefill_chunk)] + (["--threads", str(args.threads)] if args.threads else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -181,6 +218,13 @@ def main() -> int:
         b1 = ref["decode"][1]
         lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(
             f"{v} {rows[v]['decode']['1'] / b1:.2f}x" for v in args.variants)]
+    for ours, hf in (("fp32", "transformers float32"), ("bf16", "transformers bfloat16")):
+        if ours in rows and hf in rows:
+            lines.append(f"ratio ours / transformers.generate, batch-1 decode, {ours}: "
+                         f"{rows[ours]['decode']['1'] / rows[hf]['decode']['1']:.2f}x")
+    for v in args.variants:
+        if "1" in rows[v]["decode"] and "8" in rows[v]["decode"]:
+            lines.append(f"batch-8 aggregate / batch-1 decode, {v}: {rows[v]['decode']['8'] / rows[v]['decode']['1']:.2f}x")
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

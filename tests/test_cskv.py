@@ -128,3 +128,53 @@ def test_bad_inputs_are_config_errors(tiny_dir: Path, calib: Path, tmp_path: Pat
         cskv.run(cskv_half, tmp_path / "x", cskv_args(calib, 0.5))  # already compressed
     with pytest.raises(ConfigError):  # the cskv format needs a CSKV checkpoint
         make_kv_cache(load_model(tiny_dir, torch.float32, 32), "cskv", 1, 32)
+
+
+def test_planner_picks_cskv_for_long_context_and_server_serves_it(tiny_dir: Path, cskv_half: Path,
+                                                                   tmp_path: Path) -> None:
+    """A budget that holds bf16 KV at a short context but only CSKV KV at a long one: the planner
+    switches to the CSKV variant as the context grows, and a server started on that budget serves
+    it with a prompt longer than the short context. Perplexities are test fixtures."""
+    import shutil
+
+    import httpx
+
+    from server_util import start_cli_server
+    from qserve.planner import RUNTIME_OVERHEAD, kv_bytes, plan, record_quality, resident_weight_bytes
+    from qserve.tokenizer import encode_text, load_tokenizer
+
+    fam = tmp_path / "fam"
+    shutil.copytree(tiny_dir, fam / "bf16")
+    shutil.copytree(cskv_half, fam / "cskv")
+    record_quality(fam / "bf16", 10.0, 4096, 256, 256)
+    record_quality(fam / "cskv", 10.5, 4096, 256, 256)
+    short, long, seqs, bf = 256, 2048, 8, torch.bfloat16
+    cfg = load_config(fam / "cskv")
+
+    def total(name: str, ctx: int) -> int:
+        d = fam / name
+        return resident_weight_bytes(d, bf) + kv_bytes(load_config(d), ctx, seqs, bf, "auto") + RUNTIME_OVERHEAD
+
+    budget = max(total("bf16", short), total("cskv", long))
+    assert total("bf16", long) > budget  # bf16 KV at the long context does not fit
+    assert kv_bytes(cfg, long, seqs, bf, "auto") < 0.6 * kv_bytes(cfg, long, seqs, bf, "model")
+    assert plan(fam, budget, short, seqs, kv_format="auto").choice.name == "bf16"
+    assert plan(fam, budget, long, seqs, kv_format="auto").choice.name == "cskv"
+
+    proc, base = start_cli_server(fam, "--memory-budget", str(budget), "--max-model-len", str(long),
+                                  "--max-num-seqs", str(seqs), "--runtime-overhead", str(RUNTIME_OVERHEAD),
+                                  "--admin-token", "kv-admin", "--log-level", "warning")
+    try:
+        status = httpx.get(base + "/admin/memory-budget", headers={"Authorization": "Bearer kv-admin"}).json()
+        assert status["variant"] == "cskv"
+        prompt = "the quick brown fox " * 300
+        n_prompt = len(encode_text(load_tokenizer(fam / "cskv"), prompt))
+        assert short < n_prompt < long - 16
+        r = httpx.post(base + "/v1/completions", json={"model": "fam", "prompt": prompt, "max_tokens": 16,
+                                                       "ignore_eos": True}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 16,
+                                     "total_tokens": n_prompt + 16}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
