@@ -60,8 +60,6 @@ def bitstack_sizes(stack, n: int, dtype: torch.dtype) -> list[int]:
 
 
 def main() -> int:
-    import qserve.quant_methods.flatquant  # noqa: F401  (registers the W4A4 runtime layers)
-    import qserve.quant_methods.quarot  # noqa: F401
     from qserve.calib import encode_texts
     from qserve.config import load_config
     from qserve.corpus import corpus_path, load_texts

@@ -29,8 +29,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# registers the W4A4 methods even before qserve.linear.METHOD_MODULES lists them
-PRELUDE = "import sys, qserve.quant_methods.quarot, qserve.quant_methods.flatquant; from qserve.cli import main; sys.exit(main())"
 
 # calibration sized for ~30 min on 2 shared cores (see the module docstring)
 QUAROT = ["--method", "quarot", "--samples", "32"]
@@ -56,7 +54,7 @@ def quantize(src: Path, out: Path, argv: list[str]) -> dict:
     prov_path = out / "qserve_quantize.json"
     if prov_path.is_file():
         return {"reused": True, "provenance": json.loads(prov_path.read_text())}
-    cmd = [sys.executable, "-c", PRELUDE, "quantize", str(src), "--out", str(out)] + argv
+    cmd = [sys.executable, "-m", "qserve.cli", "quantize", str(src), "--out", str(out)] + argv
     print(" ".join(cmd[3:]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
@@ -90,8 +88,6 @@ def perplexity(model_dir: Path, ids: torch.Tensor, context: int, stride: int, dt
 
 
 def main() -> None:
-    import qserve.quant_methods.flatquant  # noqa: F401  (registers the runtime layers)
-    import qserve.quant_methods.quarot  # noqa: F401
     from qserve.calib import encode_texts
     from qserve.corpus import corpus_path, load_texts
     from qserve.pull import pull

@@ -28,6 +28,9 @@ METHOD_MODULES = (
     "qserve.quant_methods.awq",
     "qserve.quant_methods.smoothquant_plus",
     "qserve.quant_methods.bitstack",
+    "qserve.quant_methods.quarot",
+    "qserve.quant_methods.flatquant",
+    "qserve.quant_methods.cskv",
 )
 
 
