@@ -97,8 +97,6 @@ def layer_rows(shapes: tuple, ms: list[int], repeat: int, dev: str = "cpu") -> l
 
 def model_rows(dirs: list[Path], ms: list[int], repeat: int) -> list[str]:
     """Prefill of M tokens per checkpoint; time inside online transforms accumulated by wrapping."""
-    import qserve.quant_methods.flatquant  # noqa: F401  (registers the W4A4 layers)
-    import qserve.quant_methods.quarot  # noqa: F401
     from qserve.hadamard import QKRotation
     from qserve.kvcache import Batch, KVCache
     from qserve.model import load_model

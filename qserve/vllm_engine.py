@@ -31,7 +31,7 @@ from typing import Any
 from qserve.config import load_config
 from qserve.detok import StreamDecoder
 from qserve.engine_api import (
-    Engine, EngineBusy, EngineInfo, GenerationEvent, RequestHandle, RequestRejected, SamplingParams,
+    Engine, EngineInfo, GenerationEvent, RequestHandle, SamplingParams, check_admission,
 )
 from qserve.errors import ConfigError, QServeError
 
@@ -254,17 +254,8 @@ class VLLMEngine(Engine):
 
     # -- admission ---------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        if not prompt_ids:
-            raise RequestRejected("the prompt is empty")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestRejected(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                f"asks for {len(prompt_ids)} prompt + {params.max_tokens} completion tokens"
-            )
-        if self._stop.is_set():
-            raise EngineBusy("the engine is shutting down", status=503)
-        if self.stats()["waiting"] >= self.opts.max_waiting:
-            raise EngineBusy("too many requests are waiting; retry later")
+        check_admission(prompt_ids, params, self.max_model_len, self._stop.is_set(), self.stats()["waiting"],
+                        self.opts.max_waiting)
         handle = RequestHandle(request_id, asyncio.get_running_loop())
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         self._inbox.put(_Req(request_id, handle, list(prompt_ids), params, stop_ids,
