@@ -38,7 +38,7 @@ from qserve.hadamard import factor, hadamard_transform, random_signs
 from qserve.linear import register_quant_method
 from qserve.model import CausalLM, DecoderLayer
 from qserve.offline import Quantizer, linear_prefixes, load_fp_tensors, register_quantizer, write_quantized
-from qserve.w4a4 import W4A4Linear, fake_quant_weight, pack_weight, quantize_weight_sym, search_weight_clip
+from qserve.w4a4 import W4A4Linear, pack_weight, quantize_weight_sym, search_weight_clip
 
 ONLINE = ("self_attn.o_proj", "mlp.down_proj")  # linears given an online Hadamard
 DEFAULT_A_CLIP = 0.9

@@ -13,7 +13,7 @@ import torch
 from calib_util import all_logits, calib_args, rel_err, write_text
 from conftest import quantize_dir
 from engine_util import make_engine, run_many, tokens
-from qserve.calib import FUSED_LINEARS, BlockStats, InputStats, calibration_samples, load_fp32_model
+from qserve.calib import FUSED_LINEARS, BlockStats, InputStats, load_fp32_model
 from qserve.engine_api import SamplingParams
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
@@ -97,7 +97,6 @@ def test_unquantized_transformed_block_is_the_original_block(tiny_dir: Path) -> 
 def test_exported_block_serves_what_was_trained(tiny_dir: Path) -> None:
     """The stored block (fp16 transforms, int4 codes, learned clips) run by the W4A4 runtime (integer
     GEMM) gives the training forward's output: same codes, same scales, float summation order aside."""
-    import qserve.quant_methods.flatquant  # noqa: F401  (registers qserve-flatquant)
     from qserve.config import parse_config
     from qserve.model import CausalLM
 

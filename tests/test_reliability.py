@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_util import free_port, start_cli_server
+from server_util import start_cli_server
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_util import make_engine
 from server_util import ThreadedServer, start_cli_server
 from qserve.engine import EngineConfig, TorchEngine
 from qserve.server.app import create_app
