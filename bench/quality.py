@@ -142,9 +142,10 @@ def write(args, src: Path, rows: list[dict], made: dict[str, dict]) -> None:
         "quantized checkpoints). Weight MiB: what the runtime keeps resident (qserve.planner). Calibration: "
         "wiki calib split; AWQ / SmoothQuant+ 64 x 512 tokens, BitStack 32 x 512.",
         "",
-        "Caveat (FINDINGS.md): SmolLM2's only source here is a Q4_1 GGUF, so its weights already sit on a 4-bit "
-        "grid of 32-weight groups. 4-bit rows at group 32 (rtn-w4g32) reproduce that grid almost exactly and look "
-        "better than they would on a natively fp model; compare methods at groups 64/128 and at 3 bits.",
+        "Caveat (FINDINGS.md): SmolLM2's only source here is a Q4_1 GGUF, so its linear weights sit on a 4-bit "
+        "grid of 32-weight blocks with a float scale and minimum. A 4-bit format with 32-aligned groups and a float "
+        "minimum would nearly reproduce it; ours stores an integer zero point, so rtn-w4g32 does not, but group-32 "
+        "rows may still be flattered by the grid: compare methods at groups 64/128 and at 3 bits.",
         "",
         "| variant | kind | weight MiB | perplexity | vs bf16 | quantize s | quantize peak RSS MiB | eval s |",
         "|---|---|---|---|---|---|---|---|",
@@ -174,17 +175,20 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    stacks = [r for r in rows if r["blocks"] is not None]
+    top = 6 * next(r["ppl"] for r in rows if r["name"] == "bf16")  # clip: a collapsed size would flatten the rest
+    fig, ax = plt.subplots(figsize=(9, 6))
+    stacks = sorted((r for r in rows if r["blocks"] is not None), key=lambda r: r["weight_bytes"])
     if stacks:
-        stacks.sort(key=lambda r: r["weight_bytes"])
-        ax.plot([r["weight_bytes"] / MIB for r in stacks], [r["ppl"] for r in stacks], "o-", label="BitStack sizes")
-    for r in rows:
-        if r["blocks"] is None:
-            ax.plot(r["weight_bytes"] / MIB, r["ppl"], "s")
-            ax.annotate(r["name"], (r["weight_bytes"] / MIB, r["ppl"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        ax.plot([r["weight_bytes"] / MIB for r in stacks], [min(r["ppl"], top) for r in stacks], "o-",
+                label="BitStack sizes (clipped at the top edge)")
+    points = sorted((r for r in rows if r["blocks"] is None), key=lambda r: (r["weight_bytes"], r["ppl"]))
+    for i, r in enumerate(points):
+        x, y = r["weight_bytes"] / MIB, min(r["ppl"], top)
+        ax.plot(x, y, "s")
+        ax.annotate(f"{r['name']} ({r['ppl']:.1f})", (x, y), fontsize=7, xytext=(6, 10 * (i % 3) - 10),
+                    textcoords="offset points")
     ax.set_yscale("log")
+    ax.set_ylim(top=top * 1.05)
     ax.set_xlabel("resident weight MiB")
     ax.set_ylabel("perplexity (wiki eval, log scale)")
     ax.set_title(f"{model}: perplexity vs weight bytes")
