@@ -98,6 +98,7 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all)")
     ap.add_argument("--engines", nargs="+", default=["torch", "vllm"])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_vs_torch.md")
     ap.add_argument("--one", nargs=3, metavar=("ENGINE", "DIR", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -135,6 +136,8 @@ def main() -> int:
                                  f"| {out['start_s']:.0f} |")
                 print(lines[-1], flush=True)
     print("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 

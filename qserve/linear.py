@@ -54,6 +54,12 @@ class QuantLinear(nn.Module):
         when the format cannot be fused (the model then runs the parts one after another)."""
         return None
 
+    @classmethod
+    def resident_bytes(cls, stored: dict[str, Any], qcfg: dict[str, Any], float_bytes: int) -> int | None:
+        """Bytes this layer will hold, from its stored tensors' headers (leaf name -> TensorInfo),
+        without loading them: what the planner budgets. None: as stored, floats at the serving dtype."""
+        return None
+
     def weight_bytes(self) -> int:
         """Bytes this layer keeps resident for its weights (what the planner budgets)."""
         return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))

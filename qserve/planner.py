@@ -100,34 +100,36 @@ def _numel(info: TensorInfo) -> int:
 def resident_weight_bytes(model_dir: Path, dtype: torch.dtype = torch.bfloat16, int8_head: bool | None = None) -> int:
     """Bytes the runtime keeps resident for a checkpoint's weights, from its headers.
 
-    For a BitStack checkpoint this counts everything but the blocks and the scratch (see
+    A quantized linear is sized by its method (QuantLinear.resident_bytes: the layout its runtime
+    converts the stored tensors to); everything else as stored, floats at the serving dtype. For a
+    BitStack checkpoint this counts everything but the blocks and the scratch (see
     BitStackStack.resident_bytes for a given number of blocks).
     """
+    from qserve.linear import get_quant_method
+
     cfg = load_config(model_dir)
     index = Checkpoint(model_dir).index
     if int8_head is None:
         int8_head = int8_head_default(cfg)
     fsize = torch.empty((), dtype=dtype).element_size()
-    group = int((cfg.quantization_config or {}).get("group_size", 128))
+    qcfg = cfg.quantization_config or {}
+    linears: dict[str, dict[str, TensorInfo]] = {
+        name.rpartition(".")[0]: {} for name in index if name.endswith((".qweight", ".fp_weight"))}
+    method = get_quant_method(cfg.quant_method) if linears and cfg.quant_method else None
     total = 0
     for name, info in index.items():
         base, _, leaf = name.rpartition(".")
-        if ".bitstack." in name or leaf in ("scales", "qzeros"):
-            continue  # BitStack blocks are sized by the stack; woq scales go with their codes
-        if name == "lm_head.weight" and int8_head:
-            continue
-        if leaf == "qweight":
-            n = info.shape[0]
-            if info.dtype == "I8":  # int8 codes + a bf16 scale per row
-                total += _numel(info) + 2 * n
-            else:  # int4 codes padded to whole groups (kernel layout: 2 per byte) + bf16 (scale, offset)
-                groups = index[base + ".scales"].shape[1]
-                total += n * groups * group // 2 + 4 * n * groups
-        elif info.dtype in _FLOAT_DTYPES:
-            total += _numel(info) * fsize
+        if ".bitstack." in name or (name == "lm_head.weight" and int8_head):
+            continue  # BitStack blocks are sized by the stack; the int8 head is added below
+        if base in linears:
+            linears[base][leaf] = info
         else:
-            total += _numel(info) * _DTYPE_BYTES[info.dtype]
-    if int8_head:  # int8 codes + bf16 row scales, beside the (tied) embedding
+            total += _numel(info) * (fsize if info.dtype in _FLOAT_DTYPES else _DTYPE_BYTES[info.dtype])
+    for stored in linears.values():
+        b = method.resident_bytes(stored, qcfg, fsize) if method is not None else None
+        total += b if b is not None else sum(
+            _numel(i) * (fsize if i.dtype in _FLOAT_DTYPES else _DTYPE_BYTES[i.dtype]) for i in stored.values())
+    if int8_head and "lm_head.qweight" not in index:  # int8 codes + bf16 row scales, beside the (tied) embedding
         total += cfg.vocab_size * cfg.hidden_size + 2 * cfg.vocab_size
     return total
 

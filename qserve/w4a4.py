@@ -199,6 +199,21 @@ class W4A4Linear(QuantLinear):
         return cls(stored, in_features, out_features, qcfg, dtype)
 
     @classmethod
+    def resident_bytes(cls, stored, qcfg, float_bytes):
+        """As __init__ keeps them: int8 codes unpacked to [N, K] for torch._int_mm and fp32 row
+        scales, or a dequantized weight at the serving dtype; fp32 transforms; bias at serving dtype."""
+        total = sum(math.prod(stored[k].shape) * 4 for k in ("had_signs", "trans_left", "trans_right") if k in stored)
+        if "bias" in stored:
+            total += math.prod(stored["bias"].shape) * float_bytes
+        w_bits, a_bits, _ = check_config(qcfg)
+        if "fp_weight" in stored:
+            return total + math.prod(stored["fp_weight"].shape) * float_bytes
+        n, words = stored["qweight"].shape  # K rounded up to 8: at most 7 bytes per row over
+        if w_bits == 16 or a_bits == 16:
+            return total + n * words * 8 * float_bytes
+        return total + n * words * 8 + 4 * n
+
+    @classmethod
     def concat_stored(cls, parts, qcfg):
         """q/k/v (or gate/up) share their input, hence its transform and activation clip."""
         out = {}

@@ -146,6 +146,18 @@ class WeightOnlyLinear(QuantLinear):
         return cls(stored, in_features, out_features, bits, gs)
 
     @classmethod
+    def resident_bytes(cls, stored, qcfg, float_bytes):
+        """int8: codes + a bf16 scale per row; int4: codes padded to whole groups, 2 per byte, and a
+        bf16 (scale, offset) pair per group and row (prepare_int4's layout); bias in bf16."""
+        q = stored["qweight"]
+        n = q.shape[0]
+        bias = 2 * n if "bias" in stored else 0
+        if q.dtype == "I8":
+            return n * q.shape[1] + 2 * n + bias
+        groups = stored["scales"].shape[1]
+        return n * groups * int(qcfg.get("group_size", 128)) // 2 + 4 * n * groups + bias
+
+    @classmethod
     def concat_stored(cls, parts, qcfg):
         return {k: torch.cat([p[k] for p in parts], 0) for k in parts[0]
                 if all(k in p for p in parts)} | (

@@ -146,6 +146,16 @@ def test_quarot_checkpoint_format(tiny_quarot_dir: Path) -> None:
     assert "model.layers.1.self_attn.q_proj.had_signs" not in ck
 
 
+@pytest.mark.parametrize("int8_head", [False, True])
+def test_planner_sizes_w4a4_as_the_runtime_holds_it(tiny_quarot_dir: Path, int8_head: bool) -> None:
+    """The runtime unpacks int4 codes to int8 [N, K] for torch._int_mm and keeps fp32 transforms;
+    the planner must budget that, not the packed checkpoint (it once counted 2.2x too little)."""
+    from qserve.planner import resident_weight_bytes
+
+    model = load_model(tiny_quarot_dir, torch.bfloat16, 64, int8_head=int8_head)
+    assert resident_weight_bytes(tiny_quarot_dir, torch.bfloat16, int8_head) == model.weight_bytes()
+
+
 def test_quarot_checkpoint_generates(tiny_quarot_dir: Path, tiny_tied_dir: Path) -> None:
     """Served through the engine, with the int4 KV cache too; outputs stay close to fp."""
     ids = torch.randint(0, 400, (40,), generator=torch.Generator().manual_seed(1))
