@@ -27,6 +27,7 @@ import torch
 
 from qserve.config import load_config
 from qserve.planner import WORKING_OVERHEAD, int8_head_default, kv_bytes, resident_weight_bytes
+from qserve.sysmem import process_memory
 
 MAX_LEN, SEQS = 512, 4
 ADMIN = "overhead-bench"
@@ -36,13 +37,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def measure(model_dir: Path) -> dict[str, float]:
@@ -68,7 +62,8 @@ def measure(model_dir: Path) -> dict[str, float]:
         for _ in range(SEQS):
             req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
             urllib.request.urlopen(req, timeout=600).read()
-        rss, hwm = _status_kib(proc.pid, "VmRSS") * 1024, _status_kib(proc.pid, "VmHWM") * 1024
+        mem = process_memory(proc.pid)
+        rss, hwm = mem["rss"], mem["peak"]
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -14,6 +14,7 @@ import collections
 import logging
 import queue
 import threading
+from concurrent.futures import Future
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,25 +113,20 @@ class TorchEngine(Engine):
         second team behind and made every decode step ~2x slower (SmolLM2 int4, 2 cores: 24 vs
         11.5 ms per token). All torch work of an engine therefore happens on its own thread.
         """
-        loaded = threading.Event()
-        failure: list[BaseException] = []
+        loaded: Future[None] = Future()
 
         def run() -> None:
             try:
                 self._setup()
             except BaseException as e:  # handed to start()'s caller
-                failure.append(e)
+                loaded.set_exception(e)
                 return
-            finally:
-                loaded.set()
+            loaded.set_result(None)
             self._loop()
 
         self._thread = threading.Thread(target=run, name="qserve-engine", daemon=True)
         self._thread.start()
-        loaded.wait()
-        if failure:
-            self._thread.join()
-            raise failure[0]
+        loaded.result()
 
     def _setup(self) -> None:
         if self.cfg.threads:
@@ -155,12 +151,9 @@ class TorchEngine(Engine):
             from qserve.quant_methods.bitstack_stack import BitStackStack
 
             self.stack = BitStackStack(model_dir)
-            model = self.stack.load_model(blocks, self.dtype, self.max_model_len, int8_head=int8_head)
-        else:
-            self.stack = None
-            model = load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
-        release_free_memory()
-        return model
+            return self.stack.load_model(blocks, self.dtype, self.max_model_len, int8_head=int8_head)
+        self.stack = None
+        return load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
 
     def resident_weight_bytes(self) -> int:
         if self.model is None:

@@ -186,4 +186,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_len: int, int8_head: boo
     if isinstance(model.lm_head, nn.Module) and hasattr(model.lm_head, "weight") and cfg.tie_word_embeddings \
             and "lm_head.weight" not in ckpt and model.lm_head.weight.dtype == dtype:
         model.lm_head.weight = model.embed  # share storage with the embedding
+    release_free_memory()  # the head's quantization temporaries
     return model.eval()

@@ -97,6 +97,11 @@ def _numel(info: TensorInfo) -> int:
     return math.prod(info.shape)
 
 
+def _stored_bytes(info: TensorInfo, float_bytes: int) -> int:
+    """A tensor as the runtime holds it by default: floats at the serving dtype, the rest as stored."""
+    return _numel(info) * (float_bytes if info.dtype in _FLOAT_DTYPES else _DTYPE_BYTES[info.dtype])
+
+
 def resident_weight_bytes(model_dir: Path, dtype: torch.dtype = torch.bfloat16, int8_head: bool | None = None) -> int:
     """Bytes the runtime keeps resident for a checkpoint's weights, from its headers.
 
@@ -124,11 +129,10 @@ def resident_weight_bytes(model_dir: Path, dtype: torch.dtype = torch.bfloat16, 
         if base in linears:
             linears[base][leaf] = info
         else:
-            total += _numel(info) * (fsize if info.dtype in _FLOAT_DTYPES else _DTYPE_BYTES[info.dtype])
+            total += _stored_bytes(info, fsize)
     for stored in linears.values():
         b = method.resident_bytes(stored, qcfg, fsize) if method is not None else None
-        total += b if b is not None else sum(
-            _numel(i) * (fsize if i.dtype in _FLOAT_DTYPES else _DTYPE_BYTES[i.dtype]) for i in stored.values())
+        total += b if b is not None else sum(_stored_bytes(i, fsize) for i in stored.values())
     if int8_head and "lm_head.qweight" not in index:  # int8 codes + bf16 row scales, beside the (tied) embedding
         total += cfg.vocab_size * cfg.hidden_size + 2 * cfg.vocab_size
     return total

@@ -9,9 +9,16 @@ from typing import Any
 from qserve.errors import CheckpointError, ConfigError
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a tokenizer
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     model_dir = Path(model_dir)
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not has_tokenizer(model_dir):
         raise CheckpointError(f"{model_dir} has no tokenizer (tokenizer.json); qserve needs one to serve")
     from transformers import AutoTokenizer
 

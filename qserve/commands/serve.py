@@ -119,11 +119,11 @@ def tokenizer_dir(family_dir):
     """Where the tokenizer is: the checkpoint itself, or the first variant of a family holding one
     (variants of one model share it: `qserve quantize` copies the tokenizer files)."""
     from qserve.planner import discover
+    from qserve.tokenizer import has_tokenizer
 
     if (family_dir / "config.json").is_file():
         return family_dir
-    names = ("tokenizer.json", "tokenizer.model", "vocab.json")
-    return next((v.dir for v in discover(family_dir) if any((v.dir / n).is_file() for n in names)), family_dir)
+    return next((v.dir for v in discover(family_dir) if has_tokenizer(v.dir)), family_dir)
 
 
 def runtime_overhead(value: str) -> tuple[int, str]:
