@@ -43,3 +43,13 @@ def test_peak_rss_within_10_percent_of_plan(tiny_dir: Path) -> None:
     print(f"peak RSS {peak / 2**20:.0f} MiB, plan {plan / 2**20:.0f} MiB ({peak / plan:.2f}x): baseline "
           f"{baseline / 2**20:.0f}, weights {weights / 2**20:.1f}, KV {kv / 2**20:.1f} MiB")
     assert abs(peak - plan) <= 0.10 * plan, (peak, plan, baseline, weights, kv)
+
+
+def test_runtime_overhead_bad_values_are_cli_errors(tiny_dir: Path, capsys) -> None:
+    """A typo, or 'auto' (which as a budget means the machine's free memory), is refused."""
+    from qserve.cli import main
+
+    for value, says in (("lots", "invalid memory budget"), ("auto", "not 'auto'")):
+        assert main(["serve", str(tiny_dir), "--memory-budget", "1GiB", "--runtime-overhead", value]) == 2
+        err = capsys.readouterr().err
+        assert "--runtime-overhead" in err and says in err and "Traceback" not in err

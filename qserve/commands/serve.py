@@ -128,11 +128,17 @@ def tokenizer_dir(family_dir):
 
 def runtime_overhead(value: str) -> tuple[int, str]:
     """The planner's overhead: measured in this process (see planner.serving_overhead) or given."""
+    from qserve.errors import ConfigError
     from qserve.planner import serving_overhead
     from qserve.sysmem import parse_budget, process_memory
 
     if value.strip().lower() != "measure":
-        return parse_budget(value), "given"
+        if value.strip().lower() == "auto":
+            raise ConfigError("--runtime-overhead is 'measure' or a size (e.g. 400MiB), not 'auto'")
+        try:
+            return parse_budget(value), "given"
+        except ConfigError as e:
+            raise ConfigError(f"--runtime-overhead: {e}") from None
     rss = process_memory().get("rss")
     return serving_overhead(rss), "measured" if rss else "estimate"
 
