@@ -3,9 +3,12 @@ tokens/s, time to first token and peak RSS for fp32, bf16, int8 and int4 (g32, g
 llama.cpp on the model's GGUF in the same run when `llama-cpp-python` is installed.
 
     python bench/speed.py [MODEL_DIR] [--tiny] [--batches 1 4 8 16] [--prefill 128 512 2048]
-                          [--tokens 64] [--repeats 3] [--out bench/results/speed.md]
+                          [--tokens 64] [--repeats 3] [--compile auto] [--eager-too bf16 int4-g32]
+                          [--out bench/results/speed.md]
 
-MODEL_DIR defaults to SmolLM2-135M (`qserve pull smollm2-135m`). Each variant runs in its own
+MODEL_DIR defaults to SmolLM2-135M (`qserve pull smollm2-135m`). Variants run as `qserve serve`
+runs them (decode step compiled when it applies, --compile auto); the --eager-too variants are
+measured again with it off, to show what compiling buys. Each variant runs in its own
 process (so its peak RSS is its own). Decode figures are medians of --repeats runs after a
 warm-up; prefill goes through the engine's chunked prefill (--prefill-chunk, default 512), as a
 served request would. Shared machines are noisy: compare rows of one run, and the ratios.
@@ -28,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _measure(model_dir: str, dtype: str, batches: list[int], prefills: list[int], tokens: int, repeats: int,
-             chunk: int, threads: int | None) -> dict:
+             chunk: int, threads: int | None, compile_mode: str) -> dict:
     """Runs in a child process: one engine, every measurement for it."""
     import torch
 
@@ -40,7 +43,7 @@ def _measure(model_dir: str, dtype: str, batches: list[int], prefills: list[int]
     ctx = max(max(prefills) + 8, 64 + tokens + 8)
     eng = TorchEngine(d, d.name, load_tokenizer(d), EngineConfig(
         dtype=dtype, max_num_seqs=max(batches), max_model_len=ctx, prefill_chunk=chunk, threads=threads,
-        max_waiting=1024))
+        max_waiting=1024, compile=compile_mode))
     eng.start()
 
     async def run(batch: int, prompt_len: int, n: int) -> tuple[float, float]:
@@ -59,7 +62,7 @@ def _measure(model_dir: str, dtype: str, batches: list[int], prefills: list[int]
         return batch * (n - 1) / (end - max(firsts)), min(firsts) - t0
 
     out: dict = {"weight_bytes": eng.info().weight_bytes, "kv_bytes": eng.info().kv_cache_bytes,
-                 "threads": torch.get_num_threads(), "decode": {}, "prefill": {}}
+                 "threads": torch.get_num_threads(), "decode": {}, "prefill": {}, "compile": eng.compile_status}
     for b in batches:
         asyncio.run(run(b, 32, 4))
         out["decode"][b] = statistics.median(asyncio.run(run(b, 32, tokens))[0] for _ in range(repeats))
@@ -147,16 +150,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", nargs="+", default=["fp32", "bf16", "int8", "int4-g32", "int4-g128"])
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers.generate rows")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="the engine's decode-step compilation for the variants (as `qserve serve --compile`)")
+    ap.add_argument("--eager-too", nargs="*", default=["bf16", "int4-g32"],
+                    help="variants also measured with --compile off, as '<variant> eager' rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "speed.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        d, dtype, engine = args.child.split("::")
+        d, dtype, engine, mode = args.child.split("::")
         if engine == "hf":
             print(json.dumps(_transformers(d, dtype, args.prefill, args.tokens, args.repeats, args.threads)))
         else:
             print(json.dumps(_measure(d, dtype, args.batches, args.prefill, args.tokens, args.repeats,
-                                      args.prefill_chunk, args.threads)))
+                                      args.prefill_chunk, args.threads, mode)))
         return 0
 
     from qserve.offline import quantizers
@@ -179,12 +186,14 @@ def main() -> int:
         elif v.startswith("int4-g"):
             rtn.run(src, tmp / v, argparse.Namespace(bits=4, group_size=int(v[6:])))
             dirs[v] = (tmp / v, "bfloat16")
-    runs = [(v, *dirs[v], "qserve") for v in args.variants]
+    runs = [(v, *dirs[v], "qserve", args.compile) for v in args.variants]
+    if args.compile != "off":
+        runs += [(f"{v} eager", *dirs[v], "qserve", "off") for v in args.eager_too if v in dirs]
     if not args.no_transformers:
-        runs += [(f"transformers {dt}", src, dt, "hf") for dt in ("float32", "bfloat16")]
+        runs += [(f"transformers {dt}", src, dt, "hf", "-") for dt in ("float32", "bfloat16")]
     rows: dict[str, dict] = {}
-    for v, d, dtype, engine in runs:
-        cmd = [sys.executable, __file__, "--child", f"{d}::{dtype}::{engine}", "--batches", *map(str, args.batches),
+    for v, d, dtype, engine, mode in runs:
+        cmd = [sys.executable, __file__, "--child", f"{d}::{dtype}::{engine}::{mode}", "--batches", *map(str, args.batches),
                "--prefill", *map(str, args.prefill), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                "--prefill-chunk", str(args.prefill_chunk)] + (["--threads", str(args.threads)] if args.threads else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -201,8 +210,9 @@ def main() -> int:
         if lc is not None:
             rows["llama.cpp Q4_1"] = lc
     lines = [f"model: {src.name}; {threads} threads; decode: {args.tokens} tokens after a 32-token prompt, "
-             f"median of {args.repeats}; prefill chunk {args.prefill_chunk}", ""]
-    head = ["variant", "weights MB"] + [f"decode b{b} tok/s (per stream)" for b in args.batches] + \
+             f"median of {args.repeats}; prefill chunk {args.prefill_chunk}; decode step: --compile {args.compile} "
+             f"('eager' rows: off)", ""]
+    head = ["variant", "decode step", "weights MB"] + [f"decode b{b} tok/s (per stream)" for b in args.batches] + \
         [f"prefill {p} tok/s (TTFT ms)" for p in args.prefill] + ["peak RSS MB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, r in rows.items():
@@ -211,7 +221,8 @@ def main() -> int:
                if (str(b) in r["decode"] or b in r["decode"]) else "–" for b in args.batches]
         pre = [f"{r['prefill'][k]['tok_s']:.0f} ({r['prefill'][k]['ttft_ms']:.0f})"
                for k in (str(p) if str(p) in r["prefill"] else p for p in args.prefill)]
-        lines.append("| " + " | ".join([v, f"{r.get('weight_bytes', 0) / 1e6:.1f}" if "weight_bytes" in r else "–",
+        lines.append("| " + " | ".join([v, r.get("compile", "–"),
+                                        f"{r.get('weight_bytes', 0) / 1e6:.1f}" if "weight_bytes" in r else "–",
                                         *dec, *pre, f"{r['peak_rss'] / 2**20:.0f}"]) + " |")
     ref = rows.get("llama.cpp Q4_1")
     if ref:
@@ -222,6 +233,10 @@ def main() -> int:
         if ours in rows and hf in rows:
             lines.append(f"ratio ours / transformers.generate, batch-1 decode, {ours}: "
                          f"{rows[ours]['decode']['1'] / rows[hf]['decode']['1']:.2f}x")
+    for v in args.eager_too:
+        if v in rows and f"{v} eager" in rows:
+            lines.append(f"compiled / eager decode step, {v}: " + ", ".join(
+                f"b{b} {rows[v]['decode'][str(b)] / rows[f'{v} eager']['decode'][str(b)]:.2f}x" for b in args.batches))
     for v in args.variants:
         if "1" in rows[v]["decode"] and "8" in rows[v]["decode"]:
             lines.append(f"batch-8 aggregate / batch-1 decode, {v}: {rows[v]['decode']['8'] / rows[v]['decode']['1']:.2f}x")

@@ -28,6 +28,7 @@ from qserve.engine_api import (
     Engine, EngineBusy, EngineInfo, GenerationEvent, RequestHandle, RequestRejected, SamplingParams, check_admission,
 )
 from qserve.attention import get_attention
+from qserve.compilation import setup_compiled_decode
 from qserve.kvcache import Batch, KVCache, get_kv_format
 from qserve.model import CausalLM, load_model
 from qserve.sampling import make_generator, sample
@@ -60,6 +61,7 @@ class EngineConfig:
     kv_format: str = "auto"  # a name registered in qserve.kvcache; auto: cskv for CSKV checkpoints, else model
     bitstack_blocks: int | None = None  # BitStack checkpoints: blocks of the stack to load (None: all)
     attention: str = "sdpa"  # a name registered in qserve.attention
+    compile: str = "off"  # torch.compile the decode step: auto (when it applies), on (or fail), off
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TorchEngine(Engine):
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self.steps = 0
+        self.compile_status = "off"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +146,12 @@ class TorchEngine(Engine):
             m.num_layers, self.cfg.max_num_seqs, self.max_model_len, m.num_kv_heads, m.head_dim, self.dtype)
         if hasattr(self.cache, "bind"):
             self.cache.bind(self.model)  # allocate compressed storage now, so nbytes() is exact
+        self._compile()
+
+    def _compile(self) -> None:
+        assert self.model is not None and self.cache is not None
+        self.compile_status = setup_compiled_decode(self.cfg.compile, self.model, self.cache,
+                                                    self.cfg.max_num_seqs, KV_BUCKET)
 
     def _load(self, model_dir: Path, blocks: int | None) -> CausalLM:
         cfg = load_config(model_dir)
@@ -207,6 +216,7 @@ class TorchEngine(Engine):
                 self.model = self._load(cmd["dir"], cmd["blocks"])
                 self.model.attention = get_attention(self.cfg.attention)
                 self.model_dir, self.mcfg = cmd["dir"], new_cfg
+                self._compile()
                 mode = "reloaded after draining"
             cmd["result"] = {"model_dir": str(self.model_dir), "quant_method": self.mcfg.quant_method or "none",
                              "blocks": cmd["blocks"], "weight_bytes": self.resident_weight_bytes(),
@@ -231,7 +241,8 @@ class TorchEngine(Engine):
             max_model_len=self.max_model_len, max_num_seqs=self.cfg.max_num_seqs,
             weight_bytes=self.resident_weight_bytes(),
             kv_cache_bytes=self.cache.nbytes() if self.cache else 0,
-            extra={"blocks": self.stack.current_blocks(self.model) if self.stack is not None and self.model else None},
+            extra={"blocks": self.stack.current_blocks(self.model) if self.stack is not None and self.model else None,
+                   "compile": self.compile_status},
         )
 
     def stats(self) -> dict[str, float]:
@@ -312,7 +323,8 @@ class TorchEngine(Engine):
             ids = torch.tensor([[s.output[-1]] for s in decoding])
             batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1,
                                bucket=KV_BUCKET, max_len=self.max_model_len)
-            logits = self.model(ids, batch, self.cache)
+            step = self.model if self.model.compiled_layer is None else self.model.decode
+            logits = step(ids, batch, self.cache)
             for row, seq in enumerate(decoding):
                 self._sample_and_emit(seq, logits[row])
 

@@ -38,6 +38,9 @@ class QuantLinear(nn.Module):
     """Runtime half of a quantization method: a drop-in replacement for nn.Linear."""
 
     quant_method: ClassVar[str] = ""
+    # forward is plain torch ops on the module's tensors, with no Python state that changes
+    # between calls, so torch.compile may trace it into the decode graph (qserve.compilation)
+    compile_safe: ClassVar[bool] = False
     in_features: int
     out_features: int
 
@@ -102,6 +105,8 @@ def registered_methods() -> list[str]:
 class DenseLinear(nn.Module):
     """An unquantized linear in the engine's compute dtype."""
 
+    compile_safe: ClassVar[bool] = True
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.in_features = weight.shape[1]
@@ -125,6 +130,10 @@ class ConcatLinear(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
+
+    @property
+    def compile_safe(self) -> bool:
+        return all(getattr(p, "compile_safe", False) for p in self.parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)

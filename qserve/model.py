@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qserve.attention import AttentionFn, sdpa_attention
+from qserve.attention import AttentionFn, decode_attention, sdpa_attention
 from qserve.checkpoint import Checkpoint
 from qserve.config import ModelConfig, load_config
 from qserve.errors import CheckpointError
@@ -70,9 +71,16 @@ class Rope(nn.Module):
         (every layer passes the same pos tensor) instead of once per layer."""
         if pos is not self._pos:
             self._pos = pos
-            self._tables = (self.cos[pos].unsqueeze(1), self.sin_signed[pos].unsqueeze(1))
-        cos, sin = self._tables
-        return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
+            self._tables = self.tables(pos)
+        return apply_rope(x, *self._tables)
+
+    def tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for positions pos [B, T], shaped [B, 1, T, D] for apply_rope."""
+        return self.cos[pos].unsqueeze(1), self.sin_signed[pos].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
 
 
 class DecoderLayer(nn.Module):
@@ -99,24 +107,51 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch, pos: torch.Tensor, rope: Rope, cache: KVCache,
                 attn: AttentionFn) -> torch.Tensor:
-        b, t, _ = x.shape
-        hn = self.input_norm(x)
-        qk, v = self.qkv(hn).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
-        qk = rope(qk.view(b, t, self.nh + self.nkv, self.hd).transpose(1, 2), pos)  # q and k in one go
-        if self.qk_rot is not None:
-            qk = self.qk_rot(qk)
-        q, k = qk[:, :self.nh], qk[:, self.nh:]
-        v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
+        hn, q, k, v = self._project(x, lambda qk: rope(qk, pos))
         if self.kv_module is None:
             cache.write(self.idx, batch, k, v)
             kk, vv = cache.read(self.idx, batch)
             mask = batch.mask
         else:  # the module caches compressed inputs and rebuilds K/V itself
             kk, vv, mask = self.kv_module(cache, self.idx, batch, hn, k, v, rope)
-        o = attn(q, kk, vv, mask).transpose(1, 2).reshape(b, t, -1)
-        x = x + self.o_proj(o)
+        return self._finish(x, attn(q, kk, vv, mask))
+
+    def decode_dense(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     pos: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One decode token per row, on this layer's dense cache [slots, Hkv, L, D]: the same math as
+        forward, written with tensor indices only (no Python ints from the batch, no cache object),
+        so torch.compile captures one graph that every layer and every step reuses.
+        x [B, 1, hidden]; slots, pos [B]; mask [B, 1, 1, kv_len] (kv_len sets the keys read)."""
+        _, q, k, v = self._project(x, lambda qk: apply_rope(qk, cos, sin))
+        heads = torch.arange(self.nkv)[None, :]
+        k_cache.index_put_((slots[:, None], heads, pos[:, None]), k[:, :, 0])
+        v_cache.index_put_((slots[:, None], heads, pos[:, None]), v[:, :, 0])
+        n = mask.shape[-1]
+        return self._finish(x, decode_attention(q, k_cache[slots, :, :n], v_cache[slots, :, :n], mask))
+
+    def _project(self, x: torch.Tensor, rope_fn: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed input, then q [B, H, T, D] and k, v [B, Hkv, T, D] with RoPE applied to q and k."""
+        b, t, _ = x.shape
+        hn = self.input_norm(x)
+        qk, v = self.qkv(hn).split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+        qk = rope_fn(qk.view(b, t, self.nh + self.nkv, self.hd).transpose(1, 2))  # q and k in one go
+        if self.qk_rot is not None:
+            qk = self.qk_rot(qk)
+        return hn, qk[:, :self.nh], qk[:, self.nh:], v.view(b, t, self.nkv, self.hd).transpose(1, 2)
+
+    def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Attention output o [B, H, T, D] -> the layer's output: o_proj, residual, MLP, residual."""
+        b, _, t, _ = o.shape
+        x = x + self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
         gate, up = self.gate_up(self.post_norm(x)).split(self.inter, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+    @property
+    def dense_decode_ok(self) -> bool:
+        """decode_dense applies: plain KV, no q/k rotation, every linear declares itself traceable."""
+        return self.kv_module is None and self.qk_rot is None and all(
+            getattr(m, "compile_safe", False) for m in (self.qkv, self.o_proj, self.gate_up, self.down))
 
 
 class CausalLM(nn.Module):
@@ -147,6 +182,7 @@ class CausalLM(nn.Module):
             self.lm_head = build_linear(head, cfg.hidden_size, [cfg.vocab_size], cfg.quantization_config, dtype)
         self.rope = Rope(cfg, max_len, dtype)
         self.attention: AttentionFn = sdpa_attention
+        self.compiled_layer: Callable[..., torch.Tensor] | None = None  # set by qserve.compilation
 
     @property
     def pad_safe(self) -> bool:
@@ -177,6 +213,29 @@ class CausalLM(nn.Module):
         if not all_logits:
             x = x[:, logit_index]
         return self.lm_head(self.norm(x)).float()
+
+    def decode(self, ids: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """One decode step (ids [B, 1] -> logits [B, V]) through the compiled layer step; the same
+        result as forward up to the compiler's fusion of bf16 roundings. Only for a dense KVCache
+        and a model qserve.compilation accepted.
+
+        The step's inputs are made outside inference mode, as the engine's Batch is: the graphs
+        guard on it, and a mix would compile the same graph twice."""
+        assert self.compiled_layer is not None
+        mask = batch.mask if batch.mask is not None else torch.ones(1, 1, 1, batch.kv_len, dtype=torch.bool)
+        cos, sin = self.rope.tables(batch.starts[:, None])
+        args = (batch.slots, batch.starts, mask, cos, sin)
+        torch._dynamo.maybe_mark_dynamic(mask, 3)  # the key length: one graph for every length
+        if ids.shape[0] > 1:  # batch size: one graph for every size above 1 (1 gets its own)
+            for t in args:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        with torch.inference_mode():
+            x = F.embedding(ids, self.embed)
+            if ids.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+            for i, layer in enumerate(self.layers):
+                x = self.compiled_layer(layer, x, cache.k[i], cache.v[i], *args)
+            return self.lm_head(self.norm(x[:, -1])).float()
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, max_len: int, int8_head: bool = False) -> CausalLM:

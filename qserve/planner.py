@@ -66,19 +66,26 @@ DEFAULT_CONCURRENCY = 8  # the engine's default max_num_seqs
 # peak RSS past the serving baseline, less weights and KV, was 33 MiB for the tiny model, 15 MiB
 # for SmolLM2-135M bf16 and 32 MiB for its RTN int4 g32; WORKING_OVERHEAD rounds up the largest.
 WORKING_OVERHEAD = 48 * 2**20
+# What compiling the decode step adds past a baseline that already has the compiler imported
+# (qserve.compilation.import_compiler): graphs, generated code, codegen transients. Measured as
+# peak RSS with vs without compiling, both with the compiler imported, torch 2.13: +55 MiB for
+# SmolLM2-135M int4 g32, +58 MiB for the tiny model (tests/test_memory.py).
+COMPILE_OVERHEAD = 64 * 2**20
 # Offline estimate (no serving process to measure): a SmolLM2-135M bf16 server's peak beyond
 # weights + KV on this project's dev machine.
 RUNTIME_OVERHEAD = 416 * 2**20
 
 
-def serving_overhead(baseline_rss: int | None = None) -> int:
-    """The overhead for a serving process whose RSS, serving stack loaded, is `baseline_rss`.
+def serving_overhead(baseline_rss: int | None = None, compiled: bool = False) -> int:
+    """The overhead for a serving process whose RSS, serving stack loaded, is `baseline_rss`, and
+    which compiles its decode step when `compiled`.
 
     Without a baseline (no /proc) the offline estimate RUNTIME_OVERHEAD.
     """
+    extra = COMPILE_OVERHEAD if compiled else 0
     if not baseline_rss:
-        return RUNTIME_OVERHEAD
-    return baseline_rss + WORKING_OVERHEAD
+        return RUNTIME_OVERHEAD + extra
+    return baseline_rss + WORKING_OVERHEAD + extra
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")

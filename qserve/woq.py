@@ -121,6 +121,8 @@ def woq_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group
 class WeightOnlyLinear(QuantLinear):
     """Computes x @ W^T with W kept as int4/int8 codes in torch's CPU kernel layout."""
 
+    compile_safe = True
+
     def __init__(self, stored: dict[str, torch.Tensor], in_features: int, out_features: int,
                  bits: int, group_size: int):
         super().__init__()

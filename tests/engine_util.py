@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from qserve.compilation import toolchain_problem
 from qserve.engine import EngineConfig, TorchEngine
 from qserve.engine_api import Engine, GenerationEvent, SamplingParams
 from qserve.tokenizer import load_tokenizer
+
+needs_compiler = pytest.mark.skipif(toolchain_problem() is not None, reason=f"{toolchain_problem()}")
 
 
 def make_engine(model_dir: Path, **cfg) -> TorchEngine:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_util import make_engine, run_many, tokens
+from engine_util import make_engine, needs_compiler, run_many, tokens
 from qserve.engine_api import SamplingParams
 
 PROMPTS = ["Hello, world. What is the capital", "The quick brown fox", "Numbers: 0 1 2 3",
@@ -24,11 +24,14 @@ def hf_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
     return gen[:-1] if gen and gen[-1] == eos else gen  # qserve reports EOS as a finish, not a token
 
 
+@pytest.mark.parametrize("compile_mode", ["off", pytest.param("on", marks=needs_compiler)])
 @pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_tied_dir"])
-def test_greedy_equals_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_greedy_equals_transformers(fixture: str, compile_mode: str, request: pytest.FixtureRequest) -> None:
+    """Eager, and with the decode step compiled (qserve.compilation)."""
     model_dir = request.getfixturevalue(fixture)
-    eng = make_engine(model_dir, dtype="float32")
+    eng = make_engine(model_dir, dtype="float32", compile=compile_mode)
     try:
+        assert eng.compile_status.startswith(compile_mode)
         tok = eng.tokenizer
         prompts = [tok(p)["input_ids"] for p in PROMPTS]
         got = run_many(eng, prompts, SamplingParams(max_tokens=24, temperature=0.0))
@@ -40,10 +43,12 @@ def test_greedy_equals_transformers(fixture: str, request: pytest.FixtureRequest
         eng.shutdown()
 
 
-def test_concurrent_equals_alone_and_chunked_prefill(tiny_dir: Path) -> None:
-    """8 concurrent requests (batched decode, chunked prefill) give each one's solo output."""
+@pytest.mark.parametrize("compile_mode", ["off", pytest.param("on", marks=needs_compiler)])
+def test_concurrent_equals_alone_and_chunked_prefill(tiny_dir: Path, compile_mode: str) -> None:
+    """8 concurrent requests (batched decode, chunked prefill) give each one's solo output; with
+    the batched engine's decode compiled, against the eager solo engine."""
     solo = make_engine(tiny_dir, dtype="float32", max_num_seqs=1)
-    batched = make_engine(tiny_dir, dtype="float32", max_num_seqs=8, prefill_chunk=5)
+    batched = make_engine(tiny_dir, dtype="float32", max_num_seqs=8, prefill_chunk=5, compile=compile_mode)
     try:
         tok = solo.tokenizer
         prompts = [tok(PROMPTS[i % 4] + " x" * i)["input_ids"] for i in range(8)]

@@ -5,23 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from server_util import start_cli_server
 from qserve.config import load_config
-from qserve.planner import WORKING_OVERHEAD, kv_bytes, resident_weight_bytes
+from qserve.compilation import toolchain_problem
+from qserve.planner import COMPILE_OVERHEAD, WORKING_OVERHEAD, kv_bytes, resident_weight_bytes
 from qserve.sysmem import process_memory
 
 ADMIN = {"Authorization": "Bearer memory-admin"}
 
 
-def test_peak_rss_within_10_percent_of_plan(tiny_dir: Path) -> None:
+@pytest.mark.parametrize("compile_mode", ["off", "auto"])
+def test_peak_rss_within_10_percent_of_plan(tiny_dir: Path, compile_mode: str) -> None:
     """Weights and KV come from the planner's formulas (from headers, nothing loaded); the overhead
-    is the one the server measured for itself at start (its baseline RSS + WORKING_OVERHEAD)."""
+    is the one the server measured for itself at start (its baseline RSS + WORKING_OVERHEAD, and
+    COMPILE_OVERHEAD when it compiles its decode step, with the compiler imported before measuring)."""
     ctx, seqs = 512, 4
+    compiled = compile_mode == "auto" and toolchain_problem() is None
     proc, base = start_cli_server(tiny_dir, "--served-model-name", "tiny", "--max-model-len", str(ctx),
                                   "--max-num-seqs", str(seqs), "--admin-token", "memory-admin",
-                                  "--log-level", "warning")
+                                  "--log-level", "warning", "--compile", compile_mode)
     try:
         status = httpx.get(base + "/admin/memory-budget", headers=ADMIN).json()
         for i in range(seqs):  # touch every slot's KV pages, as a full server would
@@ -33,14 +38,14 @@ def test_peak_rss_within_10_percent_of_plan(tiny_dir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    assert status["overhead_source"] == "measured"
+    assert status["overhead_source"] == ("measured + compile" if compiled else "measured")
     overhead = status["overhead_bytes"]
-    baseline = overhead - WORKING_OVERHEAD
+    baseline = overhead - WORKING_OVERHEAD - (COMPILE_OVERHEAD if compiled else 0)
     assert 0 < baseline <= status["rss_bytes"]  # measured before the weights were loaded
     weights = resident_weight_bytes(tiny_dir, torch.bfloat16)
     kv = kv_bytes(load_config(tiny_dir), ctx, seqs, torch.bfloat16)
     plan = weights + kv + overhead
-    print(f"peak RSS {peak / 2**20:.0f} MiB, plan {plan / 2**20:.0f} MiB ({peak / plan:.2f}x): baseline "
+    print(f"compile {compile_mode}: peak RSS {peak / 2**20:.0f} MiB, plan {plan / 2**20:.0f} MiB ({peak / plan:.2f}x): baseline "
           f"{baseline / 2**20:.0f}, weights {weights / 2**20:.1f}, KV {kv / 2**20:.1f} MiB")
     assert abs(peak - plan) <= 0.10 * plan, (peak, plan, baseline, weights, kv)
 

@@ -39,6 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "auto = cskv for CSKV checkpoints, else model")
     p.add_argument("--attention", choices=["sdpa", "sage", "sage8"], default=_env("ATTENTION", "sdpa"),
                    help="attention implementation (sage: SageAttention2-style INT4 QK / FP8 PV)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default=_env("COMPILE", "auto"),
+                   help="torch.compile the decode step before serving (~5-25 s at start, ~1.3x faster batch-1 "
+                        "decode of int4 SmolLM2): auto = when the model and KV format allow it and a C++ "
+                        "compiler is installed; on = or fail")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--head", choices=["auto", "int8", "model"], default=_env("HEAD", "auto"),
                    help="output head precision: auto = int8 for quantized checkpoints, as stored otherwise")
@@ -126,8 +130,16 @@ def tokenizer_dir(family_dir):
     return next((v.dir for v in discover(family_dir) if has_tokenizer(v.dir)), family_dir)
 
 
-def runtime_overhead(value: str) -> tuple[int, str]:
+def will_compile(args: argparse.Namespace) -> bool:
+    """Whether the engine will try to compile its decode step (it may still find the model unfit)."""
+    from qserve.compilation import toolchain_problem
+
+    return args.engine == "torch" and args.compile != "off" and toolchain_problem() is None
+
+
+def runtime_overhead(value: str, compiled: bool = False) -> tuple[int, str]:
     """The planner's overhead: measured in this process (see planner.serving_overhead) or given."""
+    from qserve.compilation import import_compiler
     from qserve.errors import ConfigError
     from qserve.planner import serving_overhead
     from qserve.sysmem import parse_budget, process_memory
@@ -139,8 +151,11 @@ def runtime_overhead(value: str) -> tuple[int, str]:
             return parse_budget(value), "given"
         except ConfigError as e:
             raise ConfigError(f"--runtime-overhead: {e}") from None
+    if compiled:
+        import_compiler()
     rss = process_memory().get("rss")
-    return serving_overhead(rss), "measured" if rss else "estimate"
+    source = ("measured" if rss else "estimate") + (" + compile" if compiled else "")
+    return serving_overhead(rss, compiled), source
 
 
 def plan_start(args: argparse.Namespace, model_dir):
@@ -152,7 +167,7 @@ def plan_start(args: argparse.Namespace, model_dir):
     from qserve.engine import DTYPES
 
     dtype = DTYPES.get(args.dtype, DTYPES["bfloat16"])
-    overhead, source = runtime_overhead(args.runtime_overhead)
+    overhead, source = runtime_overhead(args.runtime_overhead, will_compile(args))
     ctl = BudgetController(model_dir, args.max_model_len, args.max_num_seqs, dtype, args.head, args.kv_format,
                            overhead, source)
     if args.memory_budget is None:
@@ -180,7 +195,7 @@ def build_engine(args: argparse.Namespace, model_dir, tokenizer, blocks=None):
     cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting,
                        dtype=args.dtype, threads=args.threads, head=args.head, bitstack_blocks=blocks,
-                       kv_format=args.kv_format, attention=args.attention)
+                       kv_format=args.kv_format, attention=args.attention, compile=args.compile)
     return TorchEngine(model_dir, name, tokenizer, cfg), name
 
 

@@ -1,0 +1,99 @@
+"""torch.compile for the embedded engine's decode step: when it applies, and its warm-up.
+
+Why: at batch 1 a small model's decode step is dominated by eager dispatch, not by the matmuls
+(SmolLM2-135M int4: ~1000 ops per token, the int4 matmuls ~40% of the time). Inductor fuses each
+layer's norms, RoPE, cache write, attention and SiLU glue into a few C++ kernels around the
+int4/int8/bf16 matmuls, which stay torch's own kernels.
+
+What is compiled is one layer step (`DecoderLayer.decode_dense`) that every layer reuses: the
+layers are the same code on different tensors, so one graph serves all of them and compiling
+costs one layer, not the whole model. Two graphs in all: batch 1, and any batch of 2 or more;
+the key length is dynamic in both. Both are compiled before the engine takes requests, so no
+request pays a compile. Prefill stays eager (its matmuls dominate).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import torch
+
+from qserve.attention import sdpa_attention
+from qserve.errors import ConfigError
+from qserve.kvcache import Batch, KVCache
+from qserve.model import CausalLM, DecoderLayer
+
+log = logging.getLogger("qserve.compile")
+
+MODES = ("auto", "on", "off")
+
+
+def compile_problem(model: CausalLM, cache: KVCache) -> str | None:
+    """Why the compiled decode step cannot serve this model and cache, or None when it can."""
+    if type(cache) is not KVCache:
+        return f"the KV cache format {cache.kv_format!r} has its own write/read (only the dense cache is compiled)"
+    if model.attention is not sdpa_attention:
+        return "a non-default attention implementation is selected"
+    if not all(layer.dense_decode_ok for layer in model.layers):
+        return "the checkpoint compresses KV, rotates q/k, or uses a linear not declared compile-safe"
+    return toolchain_problem()
+
+
+def toolchain_problem() -> str | None:
+    """Why inductor cannot build kernels here (it generates C++ on CPU), or None."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not on PATH): inductor generates C++ on CPU"
+    return None
+
+
+def import_compiler() -> None:
+    """Import the compiler stack now (~115 MiB of RSS), e.g. before the planner measures the
+    serving baseline, so that a process which will compile is measured with it."""
+    import torch._inductor.compile_fx  # noqa: F401
+
+
+def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_seqs: int, bucket: int) -> str:
+    """Compile and warm up the decode step per `mode` (auto: when it applies; on: or fail; off).
+
+    Returns a one-line status for logs and /admin info. In `auto`, a model it does not apply to or
+    a failing compiler leaves the eager path in place (the engine works either way)."""
+    model.compiled_layer = None
+    if mode not in MODES:
+        raise ConfigError(f"compile mode must be one of {MODES}, got {mode!r}")
+    if mode == "off":
+        return "off"
+    problem = compile_problem(model, cache)
+    if problem is not None:
+        if mode == "on":
+            raise ConfigError(f"--compile on, but the decode step cannot be compiled: {problem}")
+        log.info("decode runs eager: %s", problem)
+        return f"off ({problem})"
+    t0 = time.perf_counter()
+    model.compiled_layer = torch.compile(DecoderLayer.decode_dense)
+    try:
+        _warm_up(model, cache, max_num_seqs, bucket)
+    except Exception as e:  # a broken toolchain must not take a server down in auto
+        model.compiled_layer = None
+        if mode == "on":
+            raise ConfigError(f"--compile on, but compiling the decode step failed: {type(e).__name__}: {e}") from e
+        log.warning("compiling the decode step failed, decode runs eager: %s: %s", type(e).__name__, e)
+        return f"off (compile failed: {type(e).__name__})"
+    took = time.perf_counter() - t0
+    log.info("decode step compiled in %.1f s", took)
+    return f"on (compiled in {took:.1f} s)"
+
+
+def _warm_up(model: CausalLM, cache: KVCache, max_num_seqs: int, bucket: int) -> None:
+    """Compile both graphs on slots 0..1 at position 0 of an empty cache, then clear what they wrote.
+
+    Batch tensors are made outside inference mode, as the engine makes them: the graphs guard on it."""
+    for b in sorted({1, min(2, max_num_seqs)}):
+        batch = Batch.make(list(range(b)), [0] * b, 1, bucket=bucket, max_len=cache.max_len)
+        model.decode(torch.zeros(b, 1, dtype=torch.long), batch, cache)
+    with torch.no_grad():
+        cache.k[:, :2, :, 0].zero_()
+        cache.v[:, :2, :, 0].zero_()

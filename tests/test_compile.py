@@ -1,0 +1,73 @@
+"""The compiled decode step (qserve.compilation): what it applies to, that it does not recompile
+while serving, and that it computes what the eager step computes. Greedy equality with
+transformers and with solo runs, compiled, is in test_engine.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_util import make_engine, needs_compiler, run_many, tokens
+from qserve.compilation import setup_compiled_decode
+from qserve.engine_api import SamplingParams
+from qserve.errors import ConfigError
+from qserve.kvcache import Batch, KVCache
+from qserve.model import load_model
+
+pytestmark = needs_compiler
+
+
+def test_no_recompile_across_batch_sizes_and_key_lengths(tiny_dir: Path) -> None:
+    """After the start-up warm-up, batch sizes 1..5 and key lengths across three 64-token
+    buckets run on the two warmed graphs: dynamo compiles no new graph while serving."""
+    from torch._dynamo.utils import counters
+
+    eng = make_engine(tiny_dir, dtype="float32", max_num_seqs=5, max_model_len=256, compile="on")
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        ids = eng.tokenizer("The quick brown fox")["input_ids"]
+        params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+        for n in (1, 2, 5):
+            for evs in run_many(eng, [ids] * n, params):
+                assert evs[-1].finish_reason == "length" and len(tokens(evs)) == 150
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        eng.shutdown()
+
+
+def test_compiled_step_matches_eager_in_bf16(tiny_rtn4_dir: Path) -> None:
+    """int4 weights, bf16 activations: the compiled step fuses ops the eager step rounds to bf16
+    between, so logits agree to bf16 precision (2% of their scale), not bit for bit. Rows of a
+    batch at different positions and slots, one not in slot order."""
+    model = load_model(tiny_rtn4_dir, torch.bfloat16, 128, int8_head=True)
+    cfg = model.cfg
+    caches = [KVCache(cfg.num_layers, 4, 128, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16) for _ in range(2)]
+    assert setup_compiled_decode("on", model, caches[1], 4, 64).startswith("on")  # warms up on an empty cache
+    prompts = {0: list(range(5, 25)), 2: list(range(40, 47)), 3: list(range(60, 90))}
+    for cache in caches:
+        for slot, p in prompts.items():
+            model(torch.tensor([p]), Batch.make([slot], [0], len(p)), cache)
+    slots = [3, 0, 2]
+    batch = Batch.make(slots, [len(prompts[s]) for s in slots], 1, bucket=64, max_len=128)
+    ids = torch.tensor([[7], [8], [9]])
+    want = model(ids, batch, caches[0])
+    got = model.decode(ids, batch, caches[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=0.02 * caches[0].k.abs().max().item())
+
+
+def test_what_it_applies_to(tiny_dir: Path) -> None:
+    """A KV format with its own write/read keeps the eager step: auto says why, on refuses."""
+    eng = make_engine(tiny_dir, kv_format="int8", compile="auto")
+    try:
+        assert eng.compile_status.startswith("off (") and "int8" in eng.compile_status
+        evs = run_many(eng, [[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+        assert len(tokens(evs)) == 4
+    finally:
+        eng.shutdown()
+    with pytest.raises(ConfigError, match="cannot be compiled"):
+        make_engine(tiny_dir, kv_format="int8", compile="on")
+    with pytest.raises(ConfigError, match="compile mode"):
+        make_engine(tiny_dir, compile="sometimes")
