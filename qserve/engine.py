@@ -160,9 +160,12 @@ class TorchEngine(Engine):
             from qserve.quant_methods.bitstack_stack import BitStackStack
 
             self.stack = BitStackStack(model_dir)
-            return self.stack.load_model(blocks, self.dtype, self.max_model_len, int8_head=int8_head)
-        self.stack = None
-        return load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
+            model = self.stack.load_model(blocks, self.dtype, self.max_model_len, int8_head=int8_head)
+        else:
+            self.stack = None
+            model = load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
+        model.pack_dense_linears()
+        return model
 
     def resident_weight_bytes(self) -> int:
         if self.model is None:

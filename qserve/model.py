@@ -21,7 +21,7 @@ from qserve.errors import CheckpointError
 from qserve.hadamard import qk_transform
 from qserve.kvcache import Batch, KVCache
 from qserve.kvformats import kv_layer_module
-from qserve.linear import build_linear
+from qserve.linear import DenseLinear, build_linear, can_pack
 from qserve.sysmem import release_free_memory
 
 
@@ -195,11 +195,24 @@ class CausalLM(nn.Module):
         seen: set[int] = set()
         total = 0
         for name, t in list(self.named_parameters()) + list(self.named_buffers()):
-            if name.startswith("rope.") or t.data_ptr() in seen:
+            key = id(t) if t.is_mkldnn else t.data_ptr()  # packed weights have no data pointer
+            if name.startswith("rope.") or key in seen:
                 continue
-            seen.add(t.data_ptr())
+            seen.add(key)
             total += t.numel() * t.element_size()
         return total
+
+    def pack_dense_linears(self) -> int:
+        """Reorder every unquantized linear's weight for fast small-batch matmuls (DenseLinear.pack),
+        except a head that shares the embedding's storage (the lookup needs the plain layout).
+        Returns how many were packed; 0 when oneDNN cannot (qserve.linear.can_pack)."""
+        if not can_pack(self.dtype):
+            return 0
+        tied = getattr(self.lm_head, "weight", None) is self.embed
+        linears = [m for m in self.modules() if isinstance(m, DenseLinear) and not (tied and m is self.lm_head)]
+        for m in linears:
+            m.pack()
+        return len(linears)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, cache: KVCache, all_logits: bool = False,

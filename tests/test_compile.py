@@ -14,6 +14,7 @@ from qserve.compilation import setup_compiled_decode
 from qserve.engine_api import SamplingParams
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
+from qserve.linear import can_pack
 from qserve.model import load_model
 
 pytestmark = needs_compiler
@@ -71,3 +72,32 @@ def test_what_it_applies_to(tiny_dir: Path) -> None:
         make_engine(tiny_dir, kv_format="int8", compile="on")
     with pytest.raises(ConfigError, match="compile mode"):
         make_engine(tiny_dir, compile="sometimes")
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN without native bf16 on this CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_dense_linears(tiny_tied_dir: Path, dtype: torch.dtype) -> None:
+    """oneDNN-packed weights (the engine's layout for unquantized linears) compute what the plain
+    ones do, eager and compiled, hold the same bytes, and a head tied to the embedding stays plain."""
+    plain = load_model(tiny_tied_dir, dtype, 64)
+    packed = load_model(tiny_tied_dir, dtype, 64)
+    n = packed.pack_dense_linears()
+    assert n == 4 * plain.cfg.num_layers  # qkv, o, gate_up, down; not the tied head
+    assert not packed.lm_head.packed and packed.lm_head.weight is packed.embed
+    assert packed.layers[0].qkv.weight.is_mkldnn and packed.weight_bytes() == plain.weight_bytes()
+    cfg = plain.cfg
+    x = torch.randn(3, 5, cfg.hidden_size).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in ((plain.layers[1].gate_up, packed.layers[1].gate_up), (plain.layers[0].down, packed.layers[0].down)):
+        xa = x if a.in_features == cfg.hidden_size else torch.randn(3, 5, a.in_features).to(dtype)
+        want = a(xa).float()
+        torch.testing.assert_close(b(xa).float(), want, rtol=0, atol=tol * want.abs().max().item())
+    caches = [KVCache(cfg.num_layers, 2, 64, cfg.num_kv_heads, cfg.head_dim, dtype) for _ in range(2)]
+    assert setup_compiled_decode("on", packed, caches[1], 2, 64).startswith("on")
+    ids = torch.tensor([list(range(3, 15))])
+    plain(ids, Batch.make([0], [0], 12), caches[0])
+    packed(ids, Batch.make([0], [0], 12), caches[1])
+    batch = Batch.make([0], [12], 1, bucket=64, max_len=64)
+    want = plain(torch.tensor([[5]]), batch, caches[0])
+    got = packed.decode(torch.tensor([[5]]), batch, caches[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=tol * 2 * want.abs().max().item())
