@@ -212,6 +212,7 @@ class CausalLM(nn.Module):
         linears = [m for m in self.modules() if isinstance(m, DenseLinear) and not (tied and m is self.lm_head)]
         for m in linears:
             m.pack()
+            release_free_memory()  # the plain copy, so packing does not raise the process's peak
         return len(linears)
 
     @torch.inference_mode()
