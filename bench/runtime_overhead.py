@@ -6,9 +6,11 @@ SEQS completion requests that fill every KV slot (--max-model-len 512), then rea
 VmHWM (peak) from /proc. Reported: the peak less weights (qserve.planner.resident_weight_bytes,
 the bytes the runtime holds) and KV ("overhead", what RUNTIME_OVERHEAD estimates offline), and
 that less the baseline ("working": model-load transients and the activations of requests, what
-WORKING_OVERHEAD allows for).
+WORKING_OVERHEAD allows for), with the decode step compiled or not (the baseline of a compiling
+server includes the compiler's imports; COMPILE_OVERHEAD allows for the compile itself); and the
+peak against the server's own plan (weights + KV + its overhead).
 
-Run: python bench/runtime_overhead.py MODEL_DIR [MODEL_DIR ...]
+Run: python bench/runtime_overhead.py MODEL_DIR [MODEL_DIR ...] [--compile off auto]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from qserve.config import load_config
-from qserve.planner import WORKING_OVERHEAD, int8_head_default, kv_bytes, resident_weight_bytes
+from qserve.planner import COMPILE_OVERHEAD, WORKING_OVERHEAD, int8_head_default, kv_bytes, resident_weight_bytes
 from qserve.sysmem import process_memory
 
 MAX_LEN, SEQS = 512, 4
@@ -39,10 +41,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(model_dir: Path) -> dict[str, float]:
+def measure(model_dir: Path, compile_mode: str) -> dict[str, float]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "qserve.cli", "serve", str(model_dir), "--port", str(port),
-                             "--max-model-len", str(MAX_LEN), "--max-num-seqs", str(SEQS), "--admin-token", ADMIN, "--log-level", "warning"],
+                             "--max-model-len", str(MAX_LEN), "--max-num-seqs", str(SEQS), "--admin-token", ADMIN,
+                             "--log-level", "warning", "--compile", compile_mode],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -56,7 +59,9 @@ def measure(model_dir: Path) -> dict[str, float]:
             raise RuntimeError("server did not become ready")
         model_id = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
         status = urllib.request.Request(base + "/admin/memory-budget", headers={"Authorization": f"Bearer {ADMIN}"})
-        baseline = json.load(urllib.request.urlopen(status))["overhead_bytes"] - WORKING_OVERHEAD
+        st = json.load(urllib.request.urlopen(status))
+        overhead = st["overhead_bytes"]
+        baseline = overhead - WORKING_OVERHEAD - (COMPILE_OVERHEAD if "compile" in st["overhead_source"] else 0)
         body = json.dumps({"model": model_id, "prompt": "fox " * 200, "max_tokens": MAX_LEN - 260,
                            "ignore_eos": True, "temperature": 0}).encode()
         for _ in range(SEQS):
@@ -79,20 +84,24 @@ def measure(model_dir: Path) -> dict[str, float]:
     mib = 2**20
     return {"weights_mib": weights / mib, "kv_mib": kv / mib, "rss_mib": rss / mib, "peak_mib": hwm / mib,
             "baseline_mib": baseline / mib, "peak_overhead_mib": (hwm - weights - kv) / mib,
-            "working_mib": (hwm - weights - kv - baseline) / mib}
+            "working_mib": (hwm - weights - kv - baseline) / mib, "plan_mib": (weights + kv + overhead) / mib}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--compile", nargs="+", default=["off", "auto"], help="`qserve serve --compile` modes to run")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, pid {os.getpid()}; MiB")
-    print("| model | weights | KV | baseline | RSS | peak RSS | overhead = peak - weights - KV | working = overhead - baseline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | --compile | weights | KV | baseline | RSS | peak RSS | overhead = peak - weights - KV | "
+          "working = overhead - baseline | plan | peak / plan |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.models:
-        r = measure(m)
-        print(f"| {m.name} | {r['weights_mib']:.1f} | {r['kv_mib']:.2f} | {r['baseline_mib']:.0f} | {r['rss_mib']:.0f} | "
-              f"{r['peak_mib']:.0f} | {r['peak_overhead_mib']:.0f} | {r['working_mib']:.0f} |", flush=True)
+        for mode in args.compile:
+            r = measure(m, mode)
+            print(f"| {m.name} | {mode} | {r['weights_mib']:.1f} | {r['kv_mib']:.2f} | {r['baseline_mib']:.0f} | "
+                  f"{r['rss_mib']:.0f} | {r['peak_mib']:.0f} | {r['peak_overhead_mib']:.0f} | {r['working_mib']:.0f} | "
+                  f"{r['plan_mib']:.0f} | {r['peak_mib'] / r['plan_mib']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
