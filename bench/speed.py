@@ -30,97 +30,134 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _measure(model_dir: str, dtype: str, batches: list[int], prefills: list[int], tokens: int, repeats: int,
-             chunk: int, threads: int | None, compile_mode: str) -> dict:
-    """Runs in a child process: one engine, every measurement for it."""
-    import torch
-
+def open_engine(model_dir: str, dtype: str, max_num_seqs: int, ctx: int, chunk: int, threads: int | None,
+                compile_mode: str):
+    """A started TorchEngine as `qserve serve` would run it."""
     from qserve.engine import EngineConfig, TorchEngine
-    from qserve.engine_api import SamplingParams
     from qserve.tokenizer import load_tokenizer
 
     d = Path(model_dir)
-    ctx = max(max(prefills) + 8, 64 + tokens + 8)
     eng = TorchEngine(d, d.name, load_tokenizer(d), EngineConfig(
-        dtype=dtype, max_num_seqs=max(batches), max_model_len=ctx, prefill_chunk=chunk, threads=threads,
+        dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=ctx, prefill_chunk=chunk, threads=threads,
         max_waiting=1024, compile=compile_mode))
     eng.start()
+    return eng
 
-    async def run(batch: int, prompt_len: int, n: int) -> tuple[float, float]:
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+def engine_run(eng, batch: int, prompt_len: int, n: int) -> tuple[float, float]:
+    """`batch` concurrent greedy requests of n tokens: (aggregate decode tok/s after every stream's
+    first token, time to the first token of any stream)."""
+    from qserve.engine_api import SamplingParams
+
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    async def run() -> tuple[float, float]:
         t0 = time.perf_counter()
         firsts: list[float] = []
 
         async def one(i: int) -> None:
             prompt = [(100 + 7 * i + j) % 1000 + 10 for j in range(prompt_len)]
-            async for ev in eng.submit(f"r{i}", prompt, params):
-                if not firsts or len(firsts) <= i:
+            first = True
+            async for _ in eng.submit(f"r{i}", prompt, params):
+                if first:
                     firsts.append(time.perf_counter())
+                    first = False
 
         await asyncio.gather(*[one(i) for i in range(batch)])
         end = time.perf_counter()
         return batch * (n - 1) / (end - max(firsts)), min(firsts) - t0
 
+    return asyncio.run(run())
+
+
+def _measure(model_dir: str, dtype: str, batches: list[int], prefills: list[int], tokens: int, repeats: int,
+             chunk: int, threads: int | None, compile_mode: str) -> dict:
+    """Runs in a child process: one engine, every measurement for it."""
+    import torch
+
+    eng = open_engine(model_dir, dtype, max(batches), max(max(prefills) + 8, 64 + tokens + 8), chunk, threads,
+                      compile_mode)
     out: dict = {"weight_bytes": eng.info().weight_bytes, "kv_bytes": eng.info().kv_cache_bytes,
                  "threads": torch.get_num_threads(), "decode": {}, "prefill": {}, "compile": eng.compile_status}
     for b in batches:
-        asyncio.run(run(b, 32, 4))
-        out["decode"][b] = statistics.median(asyncio.run(run(b, 32, tokens))[0] for _ in range(repeats))
+        engine_run(eng, b, 32, 4)
+        out["decode"][b] = statistics.median(engine_run(eng, b, 32, tokens)[0] for _ in range(repeats))
     for p in prefills:
-        asyncio.run(run(1, p, 1))
-        ttft = statistics.median(asyncio.run(run(1, p, 2))[1] for _ in range(repeats))
+        engine_run(eng, 1, p, 1)
+        ttft = statistics.median(engine_run(eng, 1, p, 2)[1] for _ in range(repeats))
         out["prefill"][p] = {"tok_s": p / ttft, "ttft_ms": 1000 * ttft}
     eng.shutdown()
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
 
-def _transformers(model_dir: str, dtype: str, prefills: list[int], tokens: int, repeats: int,
-                  threads: int | None) -> dict:
-    """Runs in a child process: `transformers.generate`, batch 1, greedy. Decode tok/s is
-    (tokens - 1) / (time for `tokens` new tokens - time for one), so the prompt is not counted."""
+def open_transformers(model_dir: str, dtype: str, threads: int | None):
     import torch
     from transformers import AutoModelForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
 
-    def gen(prompt_len: int, n: int) -> float:
-        ids = torch.tensor([[(100 + j) % 1000 + 10 for j in range(prompt_len)]])
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t0
 
-    gen(32, 4)
-    dec = statistics.median((tokens - 1) / (gen(32, tokens) - gen(32, 1)) for _ in range(repeats))
+def transformers_generate(model, prompt_len: int, n: int) -> float:
+    """Seconds for one greedy `generate` of n tokens after a prompt_len-token prompt."""
+    import torch
+
+    ids = torch.tensor([[(100 + j) % 1000 + 10 for j in range(prompt_len)]])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def transformers_decode(model, tokens: int) -> float:
+    """Decode tok/s: (tokens - 1) / (time for `tokens` new tokens - time for one): no prompt."""
+    return (tokens - 1) / (transformers_generate(model, 32, tokens) - transformers_generate(model, 32, 1))
+
+
+def _transformers(model_dir: str, dtype: str, prefills: list[int], tokens: int, repeats: int,
+                  threads: int | None) -> dict:
+    """Runs in a child process: `transformers.generate`, batch 1, greedy."""
+    import torch
+
+    model = open_transformers(model_dir, dtype, threads)
+    transformers_generate(model, 32, 4)
+    dec = statistics.median(transformers_decode(model, tokens) for _ in range(repeats))
     out = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
            "threads": torch.get_num_threads(), "decode": {1: dec}, "prefill": {}}
     for p in prefills:
-        gen(p, 1)
-        ttft = statistics.median(gen(p, 1) for _ in range(repeats))
+        transformers_generate(model, p, 1)
+        ttft = statistics.median(transformers_generate(model, p, 1) for _ in range(repeats))
         out["prefill"][p] = {"tok_s": p / ttft, "ttft_ms": 1000 * ttft}
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
 
-def _llama_cpp(gguf: Path, batches: list[int], prefills: list[int], tokens: int, repeats: int, threads: int) -> dict | None:
-    """llama.cpp through llama-cpp-python, batch 1 only (its high-level API serves one sequence)."""
+def open_llama(gguf: Path, threads: int, ctx: int):
+    """llama.cpp through llama-cpp-python, or None when it is not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=max(prefills) + tokens + 16, verbose=False)
+    return Llama(model_path=str(gguf), n_threads=threads, n_ctx=ctx, verbose=False)
 
-    def decode() -> float:
-        llm.reset()
-        llm.eval([100 + j for j in range(32)])
-        t0 = time.perf_counter()
-        for _ in range(tokens):
-            llm.eval([llm.sample(temp=0.0)])
-        return tokens / (time.perf_counter() - t0)
+
+def llama_decode(llm, tokens: int) -> float:
+    """Greedy decode tok/s after a 32-token prompt (its high-level API serves one sequence)."""
+    llm.reset()
+    llm.eval([100 + j for j in range(32)])
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        llm.eval([llm.sample(temp=0.0)])
+    return tokens / (time.perf_counter() - t0)
+
+
+def _llama_cpp(gguf: Path, batches: list[int], prefills: list[int], tokens: int, repeats: int, threads: int) -> dict | None:
+    llm = open_llama(gguf, threads, max(prefills) + tokens + 16)
+    if llm is None:
+        return None
 
     def prefill(n: int) -> float:
         llm.reset()
@@ -128,8 +165,8 @@ def _llama_cpp(gguf: Path, batches: list[int], prefills: list[int], tokens: int,
         llm.eval([(100 + j) % 1000 + 10 for j in range(n)])
         return n / (time.perf_counter() - t0)
 
-    decode()
-    out = {"decode": {1: statistics.median(decode() for _ in range(repeats))}, "prefill": {}}
+    llama_decode(llm, tokens)
+    out = {"decode": {1: statistics.median(llama_decode(llm, tokens) for _ in range(repeats))}, "prefill": {}}
     for p in prefills:
         prefill(p)
         tps = statistics.median(prefill(p) for _ in range(repeats))

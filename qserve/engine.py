@@ -219,6 +219,9 @@ class TorchEngine(Engine):
                 self.model = self._load(cmd["dir"], cmd["blocks"])
                 self.model.attention = get_attention(self.cfg.attention)
                 self.model_dir, self.mcfg = cmd["dir"], new_cfg
+                # the old model's graphs go: dynamo keeps at most 8 per function, and a server
+                # switching among variants would otherwise fall back to eager after a few swaps
+                torch._dynamo.reset()
                 self._compile()
                 mode = "reloaded after draining"
             cmd["result"] = {"model_dir": str(self.model_dir), "quant_method": self.mcfg.quant_method or "none",

@@ -101,3 +101,28 @@ def test_packed_dense_linears(tiny_tied_dir: Path, dtype: torch.dtype) -> None:
     want = plain(torch.tensor([[5]]), batch, caches[0])
     got = packed.decode(torch.tensor([[5]]), batch, caches[1])
     torch.testing.assert_close(got, want, rtol=0, atol=tol * 2 * want.abs().max().item())
+
+
+def test_swapping_variants_recompiles_for_the_new_one(tiny_dir: Path, tiny_rtn4_dir: Path) -> None:
+    """A budget change that swaps checkpoints (fp -> int4 -> fp) drains, reloads, drops the old
+    graphs and compiles for the new model: outputs then equal an eager engine on that variant."""
+    from torch._dynamo.utils import counters
+
+    eng = make_engine(tiny_dir, dtype="float32", max_num_seqs=2, compile="on")
+    ids = eng.tokenizer("The quick brown fox")["input_ids"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    try:
+        for target in (tiny_rtn4_dir, tiny_dir):
+            assert eng.reconfigure(target, None)["mode"] == "reloaded after draining"
+            assert eng.compile_status.startswith("on") and eng.info().quant_method == (
+                "none" if target == tiny_dir else "qserve-rtn")
+            graphs = counters["stats"]["unique_graphs"]
+            got = [tokens(evs) for evs in run_many(eng, [ids, ids[:3]], params)]
+            assert counters["stats"]["unique_graphs"] == graphs  # warmed up by the swap itself
+            ref = make_engine(target, dtype="float32", max_num_seqs=2)
+            try:
+                assert got == [tokens(evs) for evs in run_many(ref, [ids, ids[:3]], params)]
+            finally:
+                ref.shutdown()
+    finally:
+        eng.shutdown()

@@ -1,0 +1,123 @@
+"""Batch-1 decode of several engines measured in alternation, for ratios a noisy machine cannot skew.
+
+A run of bench/speed.py measures each engine in turn, minutes apart; on a shared host the
+memory bandwidth a decode streams from changes over minutes, and single rows moved by 30%
+between two runs. Here every engine stays loaded in its own process and each round runs one
+decode of each (the order rotates every round), so each round gives a ratio measured within
+seconds; the table reports per-engine medians and the median of the per-round ratios.
+
+    python bench/decode_ab.py [MODEL_DIR] [--rounds 15] [--tokens 64] [--threads 2]
+                              [--out bench/results/decode_ab.md]
+
+Engines: ours (int4 g32 and bf16, decode step compiled and eager), `transformers.generate` bf16,
+and llama.cpp on the model's Q4_1 GGUF when `llama-cpp-python` is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the engines' open/decode helpers)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def child(spec: str, tokens: int, threads: int) -> None:
+    """Serve decode measurements on stdin/stdout: a line in, one tok/s figure out."""
+    kind, path, dtype, mode = spec.split("::")
+    if kind == "qserve":
+        eng = speed.open_engine(path, dtype, 1, 32 + tokens + 8, 512, threads, mode)
+        decode = lambda: speed.engine_run(eng, 1, 32, tokens)[0]  # noqa: E731
+    elif kind == "hf":
+        model = speed.open_transformers(path, dtype, threads)
+        decode = lambda: speed.transformers_decode(model, tokens)  # noqa: E731
+    else:
+        llm = speed.open_llama(Path(path), threads, 32 + tokens + 16)
+        decode = lambda: speed.llama_decode(llm, tokens)  # noqa: E731
+    decode()  # warm-up
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(decode()), flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "decode_ab.md")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.tokens, args.threads)
+        return 0
+
+    from qserve.offline import quantizers
+    from qserve.pull import alias_gguf, pull
+
+    src = Path(args.model) if args.model else pull("smollm2-135m")
+    int4 = Path(tempfile.mkdtemp()) / "int4-g32"
+    quantizers()["rtn"].run(src, int4, argparse.Namespace(bits=4, group_size=32))
+    engines = {"ours int4-g32": f"qserve::{int4}::bfloat16::auto",
+               "ours int4-g32 eager": f"qserve::{int4}::bfloat16::off",
+               "ours bf16": f"qserve::{src}::bfloat16::auto",
+               "ours bf16 eager": f"qserve::{src}::bfloat16::off",
+               "transformers bf16": f"hf::{src}::bfloat16::-"}
+    if _has_llama_cpp():
+        engines["llama.cpp Q4_1"] = f"llama::{alias_gguf('smollm2-135m')}::-::-"
+    procs = {}
+    for name, spec in engines.items():  # started one at a time: loads and compiles do not overlap
+        p = subprocess.Popen([sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens),
+                              "--threads", str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit(f"{name} failed to start")
+        procs[name] = p
+        print(f"started {name}", file=sys.stderr)
+    names = list(procs)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            procs[name].stdin.write("run\n")
+            procs[name].stdin.flush()
+            rates[name].append(json.loads(procs[name].stdout.readline()))
+    for p in procs.values():
+        p.stdin.close()
+        p.wait(timeout=60)
+
+    def ratio(a: str, b: str) -> str:
+        rs = sorted(x / y for x, y in zip(rates[a], rates[b]))
+        return f"{a} / {b}: median {statistics.median(rs):.2f}x (min {rs[0]:.2f}, max {rs[-1]:.2f})"
+
+    lines = [f"model: {src.name}; {args.threads} threads; batch 1, {args.tokens} tokens after a 32-token prompt; "
+             f"{args.rounds} rounds, each engine once per round (order rotating)", "",
+             "| engine | median tok/s | min | max |", "|---|---|---|---|"]
+    lines += [f"| {n} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} |" for n, v in rates.items()]
+    lines += ["", "per-round ratios:"]
+    pairs = [("ours int4-g32", "llama.cpp Q4_1"), ("ours int4-g32", "ours int4-g32 eager"),
+             ("ours bf16", "transformers bf16"), ("ours bf16 eager", "transformers bf16"),
+             ("ours bf16", "ours bf16 eager")]
+    lines += [f"- {ratio(a, b)}" for a, b in pairs if a in rates and b in rates]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    return 0
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
