@@ -5,11 +5,15 @@ Why: at batch 1 a small model's decode step is dominated by eager dispatch, not 
 layer's norms, RoPE, cache write, attention and SiLU glue into a few C++ kernels around the
 int4/int8/bf16 matmuls, which stay torch's own kernels.
 
-What is compiled is one layer step (`DecoderLayer.decode_dense`) that every layer reuses: the
-layers are the same code on different tensors, so one graph serves all of them and compiling
-costs one layer, not the whole model. Two graphs in all: batch 1, and any batch of 2 or more;
-the key length is dynamic in both. Both are compiled before the engine takes requests, so no
-request pays a compile. Prefill stays eager (its matmuls dominate).
+What is compiled is a step through a few consecutive layers (`model.decode_layers` over
+`DecoderLayer.decode_dense`) that every group of layers reuses: the layers are the same code on
+different tensors, so one graph serves all groups and compiling costs a group, not the model.
+Grouping amortises dynamo's per-call cost (guards, wrapper): SmolLM2-135M int4 g32 batch 1,
+one loop, median tok/s: 1 layer per call 133-147, 3 layers 149-153, 5 layers 155-157, 10 layers
+155-165, at a compile time that grows with the group (one graph, cold: 12 s at 1, 8 s at 5,
+14 s at 10 layers). Two graphs in all: batch 1, and any batch of 2 or more; the key length is
+dynamic in both. Both are compiled before the engine takes requests, so no request pays a
+compile. Prefill stays eager (its matmuls dominate).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from qserve.attention import sdpa_attention
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
-from qserve.model import CausalLM, DecoderLayer
+from qserve.model import CausalLM, decode_layers
 
 log = logging.getLogger("qserve.compile")
 
@@ -56,12 +60,18 @@ def import_compiler() -> None:
     import torch._inductor.compile_fx  # noqa: F401
 
 
+def group_size(num_layers: int, largest: int = 6) -> int:
+    """Layers per compiled call: the largest divisor of num_layers up to `largest`, so every call
+    has the same shape (one graph) and none is a remainder."""
+    return max(k for k in range(1, largest + 1) if num_layers % k == 0)
+
+
 def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_seqs: int, bucket: int) -> str:
     """Compile and warm up the decode step per `mode` (auto: when it applies; on: or fail; off).
 
     Returns a one-line status for logs and /admin info. In `auto`, a model it does not apply to or
     a failing compiler leaves the eager path in place (the engine works either way)."""
-    model.compiled_layer = None
+    model.compiled_step = None
     if mode not in MODES:
         raise ConfigError(f"compile mode must be one of {MODES}, got {mode!r}")
     if mode == "off":
@@ -73,17 +83,18 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
         log.info("decode runs eager: %s", problem)
         return f"off ({problem})"
     t0 = time.perf_counter()
-    model.compiled_layer = torch.compile(DecoderLayer.decode_dense)
+    model.step_layers = group_size(len(model.layers))
+    model.compiled_step = torch.compile(decode_layers)
     try:
         _warm_up(model, cache, max_num_seqs, bucket)
     except Exception as e:  # a broken toolchain must not take a server down in auto
-        model.compiled_layer = None
+        model.compiled_step = None
         if mode == "on":
             raise ConfigError(f"--compile on, but compiling the decode step failed: {type(e).__name__}: {e}") from e
         log.warning("compiling the decode step failed, decode runs eager: %s: %s", type(e).__name__, e)
         return f"off (compile failed: {type(e).__name__})"
     took = time.perf_counter() - t0
-    log.info("decode step compiled in %.1f s", took)
+    log.info("decode step compiled in %.1f s (%d layers per call)", took, model.step_layers)
     return f"on (compiled in {took:.1f} s)"
 
 

@@ -329,7 +329,7 @@ class TorchEngine(Engine):
             ids = torch.tensor([[s.output[-1]] for s in decoding])
             batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1,
                                bucket=KV_BUCKET, max_len=self.max_model_len)
-            step = self.model if self.model.compiled_layer is None else self.model.decode
+            step = self.model if self.model.compiled_step is None else self.model.decode
             logits = step(ids, batch, self.cache)
             for row, seq in enumerate(decoding):
                 self._sample_and_emit(seq, logits[row])

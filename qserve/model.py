@@ -154,6 +154,15 @@ class DecoderLayer(nn.Module):
             getattr(m, "compile_safe", False) for m in (self.qkv, self.o_proj, self.gate_up, self.down))
 
 
+def decode_layers(layers: tuple[DecoderLayer, ...], x: torch.Tensor, k_caches: tuple[torch.Tensor, ...],
+                  v_caches: tuple[torch.Tensor, ...], *args: torch.Tensor) -> torch.Tensor:
+    """DecoderLayer.decode_dense through consecutive layers: the unit qserve.compilation compiles
+    (layers are the same code on different tensors, so one graph serves every group of them)."""
+    for layer, k, v in zip(layers, k_caches, v_caches):
+        x = layer.decode_dense(x, k, v, *args)
+    return x
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, max_len: int,
                  int8_head: bool = False):
@@ -182,7 +191,9 @@ class CausalLM(nn.Module):
             self.lm_head = build_linear(head, cfg.hidden_size, [cfg.vocab_size], cfg.quantization_config, dtype)
         self.rope = Rope(cfg, max_len, dtype)
         self.attention: AttentionFn = sdpa_attention
-        self.compiled_layer: Callable[..., torch.Tensor] | None = None  # set by qserve.compilation
+        # set by qserve.compilation: the compiled decode_layers, and how many layers one call runs
+        self.compiled_step: Callable[..., torch.Tensor] | None = None
+        self.step_layers = 1
 
     @property
     def pad_safe(self) -> bool:
@@ -235,7 +246,7 @@ class CausalLM(nn.Module):
 
         The step's inputs are made outside inference mode, as the engine's Batch is: the graphs
         guard on it, and a mix would compile the same graph twice."""
-        assert self.compiled_layer is not None
+        assert self.compiled_step is not None
         mask = batch.mask if batch.mask is not None else torch.ones(1, 1, 1, batch.kv_len, dtype=torch.bool)
         cos, sin = self.rope.tables(batch.starts[:, None])
         args = (batch.slots, batch.starts, mask, cos, sin)
@@ -247,8 +258,10 @@ class CausalLM(nn.Module):
             x = F.embedding(ids, self.embed)
             if ids.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-            for i, layer in enumerate(self.layers):
-                x = self.compiled_layer(layer, x, cache.k[i], cache.v[i], *args)
+            n = self.step_layers
+            for i in range(0, len(self.layers), n):
+                x = self.compiled_step(tuple(self.layers[i:i + n]), x, tuple(cache.k[i:i + n].unbind()),
+                                       tuple(cache.v[i:i + n].unbind()), *args)
             return self.lm_head(self.norm(x[:, -1])).float()
 
 
