@@ -329,10 +329,23 @@ class TorchEngine(Engine):
             ids = torch.tensor([[s.output[-1]] for s in decoding])
             batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1,
                                bucket=KV_BUCKET, max_len=self.max_model_len)
-            step = self.model if self.model.compiled_step is None else self.model.decode
-            logits = step(ids, batch, self.cache)
+            logits = self._decode(ids, batch)
             for row, seq in enumerate(decoding):
                 self._sample_and_emit(seq, logits[row])
+
+    def _decode(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """One decode forward, compiled when it can be. A compiled step that fails (a compile
+        it should never need, a kernel error) hands over to the eager step for good, on this very
+        step: the eager step rewrites the same cache positions, so nothing half-written remains."""
+        assert self.model is not None and self.cache is not None
+        if self.model.compiled_step is not None:
+            try:
+                return self.model.decode(ids, batch, self.cache)
+            except Exception as e:
+                log.exception("the compiled decode step failed; decoding eager from now on")
+                self.model.compiled_step = None
+                self.compile_status = f"off (failed while serving: {type(e).__name__})"
+        return self.model(ids, batch, self.cache)
 
     def _sample_and_emit(self, seq: _Seq, logits: torch.Tensor) -> None:
         """A failure here belongs to one request: it ends that one, not the batch."""

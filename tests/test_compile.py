@@ -126,3 +126,28 @@ def test_swapping_variants_recompiles_for_the_new_one(tiny_dir: Path, tiny_rtn4_
                 ref.shutdown()
     finally:
         eng.shutdown()
+
+
+def test_a_failing_compiled_step_hands_over_to_eager(tiny_dir: Path) -> None:
+    """If the compiled step ever raises while serving, the same step is redone eagerly and the
+    engine stays eager: requests complete with the eager engine's tokens, none fails."""
+    eng = make_engine(tiny_dir, dtype="float32", max_num_seqs=2, compile="on")
+    ref = make_engine(tiny_dir, dtype="float32", max_num_seqs=2)
+    try:
+        calls = []
+
+        def broken(*args):
+            calls.append(1)
+            raise RuntimeError("simulated kernel failure")
+
+        eng.model.compiled_step = broken
+        ids = eng.tokenizer("The quick brown fox")["input_ids"]
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        got = run_many(eng, [ids, ids[:2]], params)
+        assert [evs[-1].finish_reason for evs in got] == ["length", "length"]
+        assert [tokens(e) for e in got] == [tokens(e) for e in run_many(ref, [ids, ids[:2]], params)]
+        assert len(calls) == 1 and eng.compile_status == "off (failed while serving: RuntimeError)"
+        assert eng.info().extra["compile"] == eng.compile_status
+    finally:
+        eng.shutdown()
+        ref.shutdown()
