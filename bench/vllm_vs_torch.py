@@ -8,7 +8,8 @@ variant) runs in its own process, so vLLM's thread binding never touches the tor
 run. Per batch size: `batch` identical-length prompts submitted together; prefill tok/s = prompt
 tokens / time to the last first token; decode tok/s = generated tokens after each stream's
 first / time from the last first token to the end. One warm-up request first (vLLM compiles
-then, unless --eager). One run: compare rows of one run only (shared machines are noisy).
+then, unless --eager; ours compiles its decode step at start, unless --eager). One run: compare
+rows of one run only (shared machines are noisy).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def build(engine: str, model_dir: Path, dtype: str, args: argparse.Namespace) ->
 
     return TorchEngine(model_dir, model_dir.name, tok,
                        EngineConfig(max_model_len=args.max_model_len, max_num_seqs=seqs, dtype=dtype,
-                                    threads=args.threads))
+                                    threads=args.threads, compile="off" if args.eager else "auto"))
 
 
 async def one_batch(eng: Engine, prompts: list[list[int]], n: int) -> tuple[float, float]:
@@ -95,7 +96,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    ap.add_argument("--eager", action="store_true", help="both engines without torch.compile")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all)")
     ap.add_argument("--engines", nargs="+", default=["torch", "vllm"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vllm_vs_torch.md")
@@ -114,7 +115,7 @@ def main() -> int:
                    str(args.prompt_len), "--max-model-len", str(args.max_model_len)] + (["--eager"] if args.eager else []) \
         + ([] if args.threads is None else ["--threads", str(args.threads)])
     lines = [f"model {src.name}, prompt {args.prompt_len} tokens, {args.tokens} generated per stream, "
-             f"w4 = RTN int4 g{args.group_size}, vLLM {'eager' if args.eager else 'compiled'}, "
+             f"w4 = RTN int4 g{args.group_size}, both engines {'eager' if args.eager else 'compiled'}, "
              f"threads {args.threads or 'all'}, load average {os.getloadavg()[0]:.1f}", "",
              "| engine | variant | batch | prefill tok/s | decode tok/s | start s |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
