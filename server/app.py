@@ -83,9 +83,13 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
             state.metrics.weight_bytes.set(info.weight_bytes)
             state.metrics.kv_bytes.set(info.kv_cache_bytes)
             state.metrics.quant.labels(model_name, info.quant_method, info.engine, info.dtype).set(1)
+            # read at scrape time: a variant swap recompiles, a failing compiled step turns eager
+            state.metrics.compiled.set_function(
+                lambda: float(getattr(engine, "compile_status", "off").startswith("on")))
             _set_budget_gauges(state, budget)
             state.ready = True
-            log.info("model %s ready (%s, %.1f MB weights)", model_name, info.quant_method, info.weight_bytes / 1e6)
+            log.info("model %s ready (%s, %.1f MB weights, decode step compile: %s)", model_name, info.quant_method,
+                     info.weight_bytes / 1e6, getattr(engine, "compile_status", "n/a"))
         except QServeError as e:
             state.load_error = str(e)
             log.error("model failed to load: %s", e)

@@ -26,6 +26,9 @@ class Metrics:
         self.quant = Gauge("qserve_model_info", "Served model (value 1), labelled by quantization method",
                            ["model", "quant_method", "engine", "dtype"], registry=r)
         self.budget = Gauge("qserve_memory_budget_bytes", "Memory budget in force (0: none)", registry=r)
+        self.compiled = Gauge("qserve_decode_step_compiled",
+                              "1 while the embedded engine decodes through its compiled step, 0 when eager",
+                              registry=r)
         self.blocks = Gauge("qserve_bitstack_blocks", "BitStack blocks loaded (0: not a BitStack model)", registry=r)
         self.resizes = Counter("qserve_resizes", "Memory-budget changes applied", registry=r)
         self.resize_seconds = Histogram("qserve_resize_seconds", "Budget change to new size serving",

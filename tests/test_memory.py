@@ -29,6 +29,7 @@ def test_peak_rss_within_10_percent_of_plan(tiny_dir: Path, compile_mode: str) -
                                   "--log-level", "warning", "--compile", compile_mode)
     try:
         status = httpx.get(base + "/admin/memory-budget", headers=ADMIN).json()
+        assert f"qserve_decode_step_compiled {1.0 if compiled else 0.0}" in httpx.get(base + "/metrics").text
         for i in range(seqs):  # touch every slot's KV pages, as a full server would
             r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "fox " * 200,
                                                            "max_tokens": ctx - 260, "ignore_eos": True}, timeout=300)
