@@ -115,6 +115,9 @@ class RequestHandle:
 class Engine(abc.ABC):
     tokenizer: Any
     max_model_len: int
+    # qserve's decode-step compilation (qserve.compilation), "on (...)" while it serves; engines
+    # that do not compile their own way through qserve leave it at "n/a"
+    compile_status: str = "n/a"
 
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...

@@ -84,12 +84,11 @@ def create_app(engine: Engine, model_name: str, start_engine: bool = True,
             state.metrics.kv_bytes.set(info.kv_cache_bytes)
             state.metrics.quant.labels(model_name, info.quant_method, info.engine, info.dtype).set(1)
             # read at scrape time: a variant swap recompiles, a failing compiled step turns eager
-            state.metrics.compiled.set_function(
-                lambda: float(getattr(engine, "compile_status", "off").startswith("on")))
+            state.metrics.compiled.set_function(lambda: float(engine.compile_status.startswith("on")))
             _set_budget_gauges(state, budget)
             state.ready = True
             log.info("model %s ready (%s, %.1f MB weights, decode step compile: %s)", model_name, info.quant_method,
-                     info.weight_bytes / 1e6, getattr(engine, "compile_status", "n/a"))
+                     info.weight_bytes / 1e6, engine.compile_status)
         except QServeError as e:
             state.load_error = str(e)
             log.error("model failed to load: %s", e)

@@ -40,9 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", choices=["sdpa", "sage", "sage8"], default=_env("ATTENTION", "sdpa"),
                    help="attention implementation (sage: SageAttention2-style INT4 QK / FP8 PV)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default=_env("COMPILE", "auto"),
-                   help="torch.compile the decode step before serving (~5-25 s at start, ~1.3x faster batch-1 "
-                        "decode of int4 SmolLM2): auto = when the model and KV format allow it and a C++ "
-                        "compiler is installed; on = or fail")
+                   help="torch.compile the decode step before serving (~6 s at start, ~20-35 s with a cold "
+                        "cache; ~1.4x faster batch-1 decode of int4 SmolLM2): auto = when the model and KV "
+                        "format allow it and a C++ compiler is installed; on = or fail")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--head", choices=["auto", "int8", "model"], default=_env("HEAD", "auto"),
                    help="output head precision: auto = int8 for quantized checkpoints, as stored otherwise")
