@@ -208,7 +208,7 @@ def _dense(module: nn.Module, what: str) -> tuple[torch.Tensor, torch.Tensor | N
 
 def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
     """The model's current weights under Hugging Face Llama names (fused linears split again)."""
-    out = {"model.embed_tokens.weight": model.embed.detach(), "model.norm.weight": model.norm.weight.detach()}
+    out = {"model.embed_tokens.weight": model.embed.to(model.dtype), "model.norm.weight": model.norm.weight.detach()}
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = layer.input_norm.weight.detach()
@@ -219,7 +219,7 @@ def hf_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
             if b is not None:
                 out |= {p + n + ".bias": part.detach() for n, part in unfuse_rows(layer, attr, b).items()}
     head, head_bias = _dense(model.lm_head, "lm_head")
-    if head.data_ptr() != model.embed.data_ptr():
+    if not model.tied_head:
         out["lm_head.weight"] = head
         if head_bias is not None:
             out["lm_head.bias"] = head_bias.detach()

@@ -8,6 +8,8 @@ clear message instead of a crash deep inside a kernel.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -54,6 +57,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    offset: int  # of the tensor's first byte in the file
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -95,7 +99,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path.name}: file is truncated (tensor {name!r} ends at byte {end}, "
                 f"file holds {data_size} data bytes)"
             )
-        out[name] = TensorInfo(dtype, shape, path)
+        out[name] = TensorInfo(dtype, shape, path, 8 + n + begin)
     return out
 
 
@@ -145,6 +149,13 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info(name).shape
 
+    @staticmethod
+    def _check_shape(name: str, info: TensorInfo, shape: tuple[int, ...] | None) -> None:
+        if shape is not None and tuple(info.shape) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(info.shape)}, the config implies {list(shape)}"
+            )
+
     def _info(self, name: str) -> TensorInfo:
         try:
             return self.index[name]
@@ -153,12 +164,30 @@ class Checkpoint:
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         info = self._info(name)
-        if shape is not None and tuple(info.shape) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {list(info.shape)}, the config implies {list(shape)}"
-            )
+        self._check_shape(name, info, shape)
         with safe_open(info.file, framework="pt") as f:
             return f.get_tensor(name)
+
+    def map(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor as a view of its file (a private copy-on-write mapping), not a copy in memory:
+        pages are read when first touched and stay reclaimable page cache. Why: the embedding
+        table is only read a row per token, and held in memory it is a third of a 4-bit
+        SmolLM2-135M. Falls back to `get` for data torch cannot view in place (not a float type,
+        or not aligned to its element size)."""
+        if not self.mappable(name):
+            return self.get(name, shape)
+        info = self._info(name)
+        self._check_shape(name, info, shape)
+        with open(info.file, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = math.prod(info.shape)
+        return torch.frombuffer(mapped, dtype=_TORCH_DTYPES[info.dtype], count=count, offset=info.offset
+                                ).view(info.shape)
+
+    def mappable(self, name: str) -> bool:
+        """`map` views the file in place (else it falls back to a copy in memory)."""
+        info = self._info(name)
+        return info.dtype in _TORCH_DTYPES and info.offset % _DTYPE_BYTES[info.dtype] == 0
 
     def get_many(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor under `prefix`, keyed by the rest of its name."""

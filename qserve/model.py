@@ -168,18 +168,22 @@ class CausalLM(nn.Module):
                  int8_head: bool = False):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
-        emb = ckpt.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-        self.embed = nn.Parameter(emb.to(dtype), requires_grad=False)
+        name, shape = "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
+        # Looked up from the checkpoint file itself (Checkpoint.map): a decode step reads a row
+        # per sequence, so holding the table in memory would cost vocab x hidden for nothing.
+        self.embed = ckpt.map(name, shape)
+        self.embed_resident = not ckpt.mappable(name)  # a copy in memory after all (weight_bytes)
         self.layers = nn.ModuleList()
         for i in range(cfg.num_layers):
             self.layers.append(DecoderLayer(cfg, i, ckpt, dtype))
             release_free_memory()  # a layer's load temporaries, so the load peaks near the final size
         self.norm = RMSNorm(ckpt.get("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps, dtype)
         head = [ckpt.get_many("lm_head.")] if "lm_head.weight" in ckpt or ckpt.names("lm_head.") else None
+        self.tied_head = head is None  # the head is the embedding (written back as such by calibration)
         if head is None:
             if not cfg.tie_word_embeddings:
                 raise CheckpointError("checkpoint has no lm_head and the config does not tie embeddings")
-            head = [{"weight": emb}]
+            head = [{"weight": ckpt.get(name, shape)}]  # its own copy: the head reads all of it per token
         if int8_head and "weight" in head[0]:
             # The head reads vocab x hidden weights every token (a third of SmolLM2's decode
             # time in bf16); int8 per-channel halves that at ~0.4% relative weight error.
@@ -202,9 +206,10 @@ class CausalLM(nn.Module):
         return all(layer.kv_module is None for layer in self.layers)
 
     def weight_bytes(self) -> int:
-        """Resident bytes of weights (shared storage, e.g. a tied head, counted once)."""
+        """Resident bytes of weights (shared storage counted once). The embedding table counts only
+        when it is held in memory: a file mapping's pages are reclaimable page cache."""
         seen: set[int] = set()
-        total = 0
+        total = self.embed.numel() * self.embed.element_size() if self.embed_resident else 0
         for name, t in list(self.named_parameters()) + list(self.named_buffers()):
             key = id(t) if t.is_mkldnn else t.data_ptr()  # packed weights have no data pointer
             if name.startswith("rope.") or key in seen:
@@ -213,14 +218,16 @@ class CausalLM(nn.Module):
             total += t.numel() * t.element_size()
         return total
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding for ids, in the compute dtype (the table keeps its stored dtype)."""
+        return F.embedding(ids, self.embed).to(self.dtype)
+
     def pack_dense_linears(self) -> int:
-        """Reorder every unquantized linear's weight for fast small-batch matmuls (DenseLinear.pack),
-        except a head that shares the embedding's storage (the lookup needs the plain layout).
+        """Reorder every unquantized linear's weight for fast small-batch matmuls (DenseLinear.pack).
         Returns how many were packed; 0 when oneDNN cannot (qserve.linear.can_pack)."""
         if not can_pack(self.dtype):
             return 0
-        tied = getattr(self.lm_head, "weight", None) is self.embed
-        linears = [m for m in self.modules() if isinstance(m, DenseLinear) and not (tied and m is self.lm_head)]
+        linears = [m for m in self.modules() if isinstance(m, DenseLinear)]
         for m in linears:
             m.pack()
             release_free_memory()  # the plain copy, so packing does not raise the process's peak
@@ -231,7 +238,7 @@ class CausalLM(nn.Module):
                 logit_index: int = -1) -> torch.Tensor:
         """ids [B, T] -> logits [B, V] at position `logit_index` of each row (the last token by
         default; a padded prefill chunk names its last real token), or [B, T, V] with all_logits."""
-        x = F.embedding(ids, self.embed)
+        x = self.embed_tokens(ids)
         pos = batch.positions()
         for layer in self.layers:
             x = layer(x, batch, pos, self.rope, cache, self.attention)
@@ -255,7 +262,7 @@ class CausalLM(nn.Module):
             for t in args:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         with torch.inference_mode():
-            x = F.embedding(ids, self.embed)
+            x = self.embed_tokens(ids)
             if ids.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
             n = self.step_layers
@@ -269,8 +276,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_len: int, int8_head: boo
     cfg = load_config(model_dir)
     ckpt = Checkpoint(model_dir)
     model = CausalLM(cfg, ckpt, dtype, max_len, int8_head)
-    if isinstance(model.lm_head, nn.Module) and hasattr(model.lm_head, "weight") and cfg.tie_word_embeddings \
-            and "lm_head.weight" not in ckpt and model.lm_head.weight.dtype == dtype:
-        model.lm_head.weight = model.embed  # share storage with the embedding
     release_free_memory()  # the head's quantization temporaries
     return model.eval()

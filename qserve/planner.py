@@ -28,9 +28,10 @@ Memory. total = weights + KV cache + runtime overhead, where
   (nothing is loaded): floats at the serving dtype; W4 = packed int4 codes (padded to whole
   groups) + one bf16 (scale, offset) pair per group and row; W8 = int8 codes + a bf16 scale per
   row; BitStack = the first N blocks + the rest of the weights + its reconstruction scratch. The
-  output head follows the engine: int8 (codes + bf16 row scales) for quantized checkpoints, a
-  separate copy when the embedding is tied. tests/test_planner.py checks these numbers against
-  the bytes a loaded model holds.
+  output head follows the engine: int8 (codes + bf16 row scales) for quantized checkpoints, its
+  own copy when the embedding is tied. The embedding table itself is not counted: the engine
+  reads its rows from a mapping of the checkpoint file (reclaimable page cache, a row per token).
+  tests/test_planner.py checks these numbers against the bytes a loaded model holds.
 - KV cache: the engine preallocates context x concurrency slots:
   bytes_per_token(serving dtype) x context x concurrency.
 - overhead: what the process holds besides weights and KV: the interpreter, torch, the tokenizer,
@@ -89,6 +90,7 @@ def serving_overhead(baseline_rss: int | None = None, compiled: bool = False) ->
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+EMBEDDING = "model.embed_tokens.weight"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -120,7 +122,8 @@ def resident_weight_bytes(model_dir: Path, dtype: torch.dtype = torch.bfloat16, 
     from qserve.linear import get_quant_method
 
     cfg = load_config(model_dir)
-    index = Checkpoint(model_dir).index
+    ckpt = Checkpoint(model_dir)
+    index = ckpt.index
     if int8_head is None:
         int8_head = int8_head_default(cfg)
     fsize = torch.empty((), dtype=dtype).element_size()
@@ -133,15 +136,20 @@ def resident_weight_bytes(model_dir: Path, dtype: torch.dtype = torch.bfloat16, 
         base, _, leaf = name.rpartition(".")
         if ".bitstack." in name or (name == "lm_head.weight" and int8_head):
             continue  # BitStack blocks are sized by the stack; the int8 head is added below
-        if base in linears:
+        if name == EMBEDDING:
+            # looked up from a file mapping (CausalLM.embed), held in memory as stored otherwise
+            total += 0 if ckpt.mappable(name) else _numel(info) * _DTYPE_BYTES[info.dtype]
+        elif base in linears:
             linears[base][leaf] = info
         else:
             total += _stored_bytes(info, fsize)
     for stored in linears.values():
         b = method.resident_bytes(stored, qcfg, fsize) if method is not None else None
         total += b if b is not None else sum(_stored_bytes(i, fsize) for i in stored.values())
-    if int8_head and "lm_head.qweight" not in index:  # int8 codes + bf16 row scales, beside the (tied) embedding
+    if int8_head and "lm_head.qweight" not in index:  # int8 codes + bf16 row scales
         total += cfg.vocab_size * cfg.hidden_size + 2 * cfg.vocab_size
+    elif not ckpt.names("lm_head."):  # tied: the head holds its own copy of the embedding
+        total += cfg.vocab_size * cfg.hidden_size * fsize
     return total
 
 

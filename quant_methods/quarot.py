@@ -70,6 +70,11 @@ class DictCheckpoint:
             raise CheckpointError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
         return t
 
+    map = get  # the tensors are in memory already: there is no file to view
+
+    def mappable(self, name: str) -> bool:
+        return False
+
     def get_many(self, prefix: str) -> dict[str, torch.Tensor]:
         return {n[len(prefix):]: t for n, t in self.tensors.items() if n.startswith(prefix)}
 

@@ -35,6 +35,52 @@ def test_sharded_checkpoint_loads_same_model(tiny_dir: Path, tmp_path: Path) -> 
     b = load_model(out, torch.float32, 64)
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb)
+    assert torch.equal(a.embed, b.embed)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written by hand, tensors in the given order with no padding between
+    them (the format allows that; the library's writer orders them so that each is aligned)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": {torch.bfloat16: "BF16", torch.uint8: "U8"}[t.dtype],
+                        "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_map_views_the_file(tmp_path: Path, pad: int) -> None:
+    """Checkpoint.map returns the stored values as a copy-on-write view of the file: writing to it
+    leaves the file alone. Data not aligned to its element size is read into memory instead."""
+    w = torch.randn(64, 16).to(torch.bfloat16)
+    _write_safetensors(tmp_path / "model.safetensors", {"pad": torch.zeros(pad + 2, dtype=torch.uint8), "w": w})
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.mappable("w") is (pad == 0)
+    mapped = ckpt.map("w", (64, 16))
+    assert mapped.dtype == torch.bfloat16 and torch.equal(mapped, w)
+    mapped[0].zero_()
+    assert torch.equal(Checkpoint(tmp_path).get("w"), w)
+    with pytest.raises(CheckpointError, match="shape"):
+        ckpt.map("w", (16, 64))
+
+
+def test_model_reads_embedding_from_the_file(tiny_tied_dir: Path) -> None:
+    """The embedding table is a file mapping, not counted as resident; the tied head has its own
+    copy, in the compute dtype. Lookups equal the stored rows converted to that dtype."""
+    model = load_model(tiny_tied_dir, torch.float32, 64)
+    stored = Checkpoint(tiny_tied_dir).get("model.embed_tokens.weight")
+    assert not model.embed_resident and model.embed.dtype == stored.dtype
+    assert model.tied_head and model.lm_head.weight.data_ptr() != model.embed.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight, stored.float(), rtol=0, atol=0)
+    ids = torch.tensor([[3, 7, 7, 1]])
+    assert torch.equal(model.embed_tokens(ids), stored.float()[ids])
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert model.weight_bytes() == held
 
 
 def test_missing_dir() -> None:

@@ -78,12 +78,13 @@ def test_what_it_applies_to(tiny_dir: Path) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_dense_linears(tiny_tied_dir: Path, dtype: torch.dtype) -> None:
     """oneDNN-packed weights (the engine's layout for unquantized linears) compute what the plain
-    ones do, eager and compiled, hold the same bytes, and a head tied to the embedding stays plain."""
+    ones do, eager and compiled, and hold the same bytes; a head tied to the embedding is packed too
+    (it has its own copy: the embedding is read from the file mapping)."""
     plain = load_model(tiny_tied_dir, dtype, 64)
     packed = load_model(tiny_tied_dir, dtype, 64)
     n = packed.pack_dense_linears()
-    assert n == 4 * plain.cfg.num_layers  # qkv, o, gate_up, down; not the tied head
-    assert not packed.lm_head.packed and packed.lm_head.weight is packed.embed
+    assert n == 4 * plain.cfg.num_layers + 1  # qkv, o, gate_up, down, and the tied head
+    assert packed.tied_head and packed.lm_head.packed and not plain.lm_head.packed
     assert packed.layers[0].qkv.weight.is_mkldnn and packed.weight_bytes() == plain.weight_bytes()
     cfg = plain.cfg
     x = torch.randn(3, 5, cfg.hidden_size).to(dtype)
