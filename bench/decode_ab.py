@@ -10,7 +10,11 @@ seconds; the table reports per-engine medians and the median of the per-round ra
                               [--out bench/results/decode_ab.md]
 
 Engines: ours (int4 g32 and bf16, decode step compiled and eager), `transformers.generate` bf16,
-and llama.cpp on the model's Q4_1 GGUF when `llama-cpp-python` is installed.
+and llama.cpp on the model's Q4_1 GGUF when `llama-cpp-python` is installed. One more row is a
+bound, not an engine: "bf16 weight stream" runs only the bf16 model's matmuls, each linear and the
+head once per token on its oneDNN-packed weights, with nothing between them. A bf16 decode must
+read every weight once per token, so no bf16 engine on this machine decodes faster than that row
+(in the same round), and its ratio to transformers is the largest bf16 speed-up there is to have.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def child(spec: str, tokens: int, threads: int) -> None:
     elif kind == "hf":
         model = speed.open_transformers(path, dtype, threads)
         decode = lambda: speed.transformers_decode(model, tokens)  # noqa: E731
+    elif kind == "stream":
+        decode = weight_stream(path, threads, tokens)
     else:
         llm = speed.open_llama(Path(path), threads, 32 + tokens + 16)
         decode = lambda: speed.llama_decode(llm, tokens)  # noqa: E731
@@ -45,6 +51,34 @@ def child(spec: str, tokens: int, threads: int) -> None:
     print("ready", flush=True)
     for _ in sys.stdin:
         print(json.dumps(decode()), flush=True)
+
+
+def weight_stream(path: str, threads: int, tokens: int):
+    """A callable timing `tokens` passes over the model's packed weights: every linear and the head
+    once per pass at batch 1, as a decode step reads them, and nothing else."""
+    import time
+
+    import torch
+
+    from qserve.linear import DenseLinear
+    from qserve.model import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(Path(path), torch.bfloat16, 64)
+    if model.pack_dense_linears() == 0:
+        raise SystemExit("the weight-stream bound needs oneDNN bf16 packing on this CPU")
+    linears = [m for m in model.modules() if isinstance(m, DenseLinear)]
+    inputs = [torch.randn(1, 1, m.in_features, dtype=torch.bfloat16) for m in linears]
+
+    def run() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                for m, x in zip(linears, inputs):
+                    torch.ops.mkldnn._linear_pointwise(x, m.weight, m.bias, "none", [], "")  # packed_linear's call
+            return tokens / (time.perf_counter() - t0)
+
+    return run
 
 
 def main() -> int:
@@ -70,7 +104,8 @@ def main() -> int:
                "ours int4-g32 eager": f"qserve::{int4}::bfloat16::off",
                "ours bf16": f"qserve::{src}::bfloat16::auto",
                "ours bf16 eager": f"qserve::{src}::bfloat16::off",
-               "transformers bf16": f"hf::{src}::bfloat16::-"}
+               "transformers bf16": f"hf::{src}::bfloat16::-",
+               "bf16 weight stream": f"stream::{src}::bfloat16::-"}
     if _has_llama_cpp():
         engines["llama.cpp Q4_1"] = f"llama::{alias_gguf('smollm2-135m')}::-::-"
     procs = {}
@@ -104,7 +139,8 @@ def main() -> int:
     lines += ["", "per-round ratios:"]
     pairs = [("ours int4-g32", "llama.cpp Q4_1"), ("ours int4-g32", "ours int4-g32 eager"),
              ("ours bf16", "transformers bf16"), ("ours bf16 eager", "transformers bf16"),
-             ("ours bf16", "ours bf16 eager")]
+             ("ours bf16", "ours bf16 eager"), ("ours bf16", "bf16 weight stream"),
+             ("bf16 weight stream", "transformers bf16")]
     lines += [f"- {ratio(a, b)}" for a, b in pairs if a in rates and b in rates]
     text = "\n".join(lines)
     print(text)

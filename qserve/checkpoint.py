@@ -180,6 +180,8 @@ class Checkpoint:
         self._check_shape(name, info, shape)
         with open(info.file, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if hasattr(mapped, "madvise"):  # rows are read at random: fault in their pages, not 64 KiB around each
+            mapped.madvise(mmap.MADV_RANDOM)
         count = math.prod(info.shape)
         return torch.frombuffer(mapped, dtype=_TORCH_DTYPES[info.dtype], count=count, offset=info.offset
                                 ).view(info.shape)
