@@ -149,8 +149,8 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info(name).shape
 
-    @staticmethod
-    def _check_shape(name: str, info: TensorInfo, shape: tuple[int, ...] | None) -> None:
+    def check_shape(self, name: str, shape: tuple[int, ...] | None) -> None:
+        info = self._info(name)
         if shape is not None and tuple(info.shape) != tuple(shape):
             raise CheckpointError(
                 f"tensor {name!r} has shape {list(info.shape)}, the config implies {list(shape)}"
@@ -164,9 +164,14 @@ class Checkpoint:
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         info = self._info(name)
-        self._check_shape(name, info, shape)
+        self.check_shape(name, shape)
         with safe_open(info.file, framework="pt") as f:
             return f.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of a tensor, reading only those bytes."""
+        with safe_open(self._info(name).file, framework="pt") as f:
+            return f.get_slice(name)[start:stop]
 
     def map(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor as a view of its file (a private copy-on-write mapping), not a copy in memory:
@@ -177,7 +182,7 @@ class Checkpoint:
         if not self.mappable(name):
             return self.get(name, shape)
         info = self._info(name)
-        self._check_shape(name, info, shape)
+        self.check_shape(name, shape)
         with open(info.file, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         if hasattr(mapped, "madvise"):  # rows are read at random: fault in their pages, not 64 KiB around each

@@ -178,21 +178,23 @@ class CausalLM(nn.Module):
             self.layers.append(DecoderLayer(cfg, i, ckpt, dtype))
             release_free_memory()  # a layer's load temporaries, so the load peaks near the final size
         self.norm = RMSNorm(ckpt.get("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps, dtype)
-        head = [ckpt.get_many("lm_head.")] if "lm_head.weight" in ckpt or ckpt.names("lm_head.") else None
-        self.tied_head = head is None  # the head is the embedding (written back as such by calibration)
-        if head is None:
-            if not cfg.tie_word_embeddings:
-                raise CheckpointError("checkpoint has no lm_head and the config does not tie embeddings")
-            head = [{"weight": ckpt.get(name, shape)}]  # its own copy: the head reads all of it per token
-        if int8_head and "weight" in head[0]:
+        self.tied_head = not ckpt.names("lm_head.")  # the head is the embedding (so calibration writes it back)
+        if self.tied_head and not cfg.tie_word_embeddings:
+            raise CheckpointError("checkpoint has no lm_head and the config does not tie embeddings")
+        if int8_head and (self.tied_head or "lm_head.weight" in ckpt):
             # The head reads vocab x hidden weights every token (a third of SmolLM2's decode
             # time in bf16); int8 per-channel halves that at ~0.4% relative weight error.
-            from qserve.woq import WeightOnlyLinear, quantize_weight
+            # Quantized a row chunk at a time, so the load never holds the whole fp table.
+            from qserve.woq import WeightOnlyLinear, quantize_rows_int8
 
-            w = head[0]["weight"]
-            self.lm_head = WeightOnlyLinear(quantize_weight(w, 8, -1), cfg.hidden_size, cfg.vocab_size, 8, -1)
+            src = name if self.tied_head else "lm_head.weight"
+            ckpt.check_shape(src, shape)
+            stored = quantize_rows_int8(lambda i, j: ckpt.rows(src, i, j), shape)
+            self.lm_head = WeightOnlyLinear(stored, cfg.hidden_size, cfg.vocab_size, 8, -1)
         else:
-            self.lm_head = build_linear(head, cfg.hidden_size, [cfg.vocab_size], cfg.quantization_config, dtype)
+            # a tied head gets its own copy: it reads all of it every token, in a packed layout
+            head = {"weight": ckpt.get(name, shape)} if self.tied_head else ckpt.get_many("lm_head.")
+            self.lm_head = build_linear([head], cfg.hidden_size, [cfg.vocab_size], cfg.quantization_config, dtype)
         self.rope = Rope(cfg, max_len, dtype)
         self.attention: AttentionFn = sdpa_attention
         # set by qserve.compilation: the compiled decode_layers, and how many layers one call runs

@@ -13,7 +13,7 @@ the layer computes in bf16 and returns the caller's dtype.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,18 +44,26 @@ def quantize_weight(
 ) -> dict[str, torch.Tensor]:
     """RTN-quantize one [N, K] weight into the stored format (3-bit codes share the 4-bit layout)."""
     check_woq_config(bits, group_size)
-    if bits == 8:  # per row, in row chunks: a vocab-sized head never needs a whole fp32 copy
-        q = torch.empty(w.shape, dtype=torch.int8)
-        s = torch.empty(w.shape[0], 1, dtype=torch.float16)
-        for i in range(0, w.shape[0], _ROW_CHUNK):
-            qi, si = quantize_sym(w[i:i + _ROW_CHUNK], 8, -1)
-            q[i:i + _ROW_CHUNK], s[i:i + _ROW_CHUNK] = qi, si
-        return {"qweight": q, "scales": s}
+    if bits == 8:
+        return quantize_rows_int8(lambda i, j: w[i:j], tuple(w.shape))
     q, s, z = quantize_asym(w, bits, group_size, clip)
     s16 = s.to(torch.float16)
     # requantize against the fp16 scale actually stored, so dequant(stored) is the RTN grid
     q = _requantize(w, s16, z, bits, group_size)
     return {"qweight": pack_int4(q), "scales": s16, "qzeros": z}
+
+
+def quantize_rows_int8(read_rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int]
+                       ) -> dict[str, torch.Tensor]:
+    """int8 per-row symmetric codes of an [N, K] weight read a row chunk at a time (read_rows(i, j)
+    gives rows i..j-1): a vocab-sized head is never whole in memory in fp32, nor, read from a
+    checkpoint (Checkpoint.rows), in its stored dtype."""
+    q = torch.empty(shape, dtype=torch.int8)
+    s = torch.empty(shape[0], 1, dtype=torch.float16)
+    for i in range(0, shape[0], _ROW_CHUNK):
+        j = min(i + _ROW_CHUNK, shape[0])
+        q[i:j], s[i:j] = quantize_sym(read_rows(i, j), 8, -1)
+    return {"qweight": q, "scales": s}
 
 
 def _requantize(w: torch.Tensor, s16: torch.Tensor, z: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
