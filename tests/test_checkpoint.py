@@ -175,3 +175,17 @@ def test_serve_missing_tokenizer_exits_nonzero(tiny_dir: Path, tmp_path: Path) -
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_int8_head_from_row_chunks(tiny_tied_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 head built from checkpoint row chunks (several chunks here) is the head quantized
+    from the whole table."""
+    import qserve.woq as woq
+
+    monkeypatch.setattr(woq, "_ROW_CHUNK", 100)  # the tiny vocab (512) in 6 chunks, the last ragged
+    model = load_model(tiny_tied_dir, torch.bfloat16, 64, int8_head=True)
+    emb = Checkpoint(tiny_tied_dir).get("model.embed_tokens.weight")
+    cfg = model.cfg
+    whole = woq.WeightOnlyLinear(woq.quantize_weight(emb, 8, -1), cfg.hidden_size, cfg.vocab_size, 8, -1)
+    x = torch.randn(3, cfg.hidden_size).to(torch.bfloat16)
+    assert torch.equal(model.lm_head(x), whole(x))
