@@ -224,8 +224,12 @@ def save_checkpoint(
         shards[-1][name] = t
         size += nbytes
     def write(shard: dict[str, torch.Tensor], path: Path) -> None:
-        save_file(shard, path, metadata={"format": "pt"})
-        os.chmod(path, 0o644)  # safetensors creates 0600; a container's non-root user must read it
+        # Written beside, then renamed over: a running server maps the old file (Checkpoint.map),
+        # and truncating a mapped file kills its reader; an interrupted write leaves no torn file.
+        tmp = path.with_name(path.name + ".partial")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates 0600; a container's non-root user must read it
+        os.replace(tmp, path)
 
     if len(shards) == 1:
         write(shards[0], out_dir / "model.safetensors")

@@ -189,3 +189,24 @@ def test_int8_head_from_row_chunks(tiny_tied_dir: Path, monkeypatch: pytest.Monk
     whole = woq.WeightOnlyLinear(woq.quantize_weight(emb, 8, -1), cfg.hidden_size, cfg.vocab_size, 8, -1)
     x = torch.randn(3, cfg.hidden_size).to(torch.bfloat16)
     assert torch.equal(model.lm_head(x), whole(x))
+
+
+def test_rewriting_a_mapped_checkpoint_is_safe(tiny_dir: Path, tmp_path: Path) -> None:
+    """save_checkpoint over a checkpoint a process has mapped (a server re-quantized into its own
+    variant directory): the mapping keeps reading the old bytes instead of dying of SIGBUS on a
+    truncated file. In a child process, so a crash is a failure, not the end of the test run."""
+    d = _copy(tiny_dir, tmp_path / "m")
+    code = f"""
+import json, torch
+from pathlib import Path
+from qserve.checkpoint import Checkpoint, save_checkpoint
+d = Path({str(d)!r})
+ckpt = Checkpoint(d)
+emb = ckpt.map("model.embed_tokens.weight")
+old = emb.clone()
+save_checkpoint(d, {{"x": torch.zeros(4)}}, json.loads((d / "config.json").read_text()))
+assert torch.equal(emb, old) and list(Checkpoint(d).names()) == ["x"]
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
