@@ -135,6 +135,11 @@ def _transformers(model_dir: str, dtype: str, prefills: list[int], tokens: int, 
     return out
 
 
+def _int_keys(row: dict) -> dict:
+    """A child's row with its batch / prompt-length keys back to ints (JSON made them strings)."""
+    return row | {k: {int(n): x for n, x in row[k].items()} for k in ("decode", "prefill")}
+
+
 def open_llama(gguf: Path, threads: int, ctx: int):
     """llama.cpp through llama-cpp-python, or None when it is not installed."""
     try:
@@ -237,7 +242,7 @@ def main() -> int:
         if r.returncode != 0:
             print(r.stderr[-2000:], file=sys.stderr)
             return 1
-        rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
+        rows[v] = _int_keys(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"measured {v}", file=sys.stderr)
     threads = rows[args.variants[0]]["threads"]
     if not args.tiny:
@@ -253,30 +258,26 @@ def main() -> int:
         [f"prefill {p} tok/s (TTFT ms)" for p in args.prefill] + ["peak RSS MB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, r in rows.items():
-        dec = [f"{r['decode'][str(b)] if str(b) in r['decode'] else r['decode'].get(b, float('nan')):.1f}"
-               f" ({(r['decode'].get(str(b)) or r['decode'].get(b) or float('nan')) / b:.1f})"
-               if (str(b) in r["decode"] or b in r["decode"]) else "–" for b in args.batches]
-        pre = [f"{r['prefill'][k]['tok_s']:.0f} ({r['prefill'][k]['ttft_ms']:.0f})"
-               for k in (str(p) if str(p) in r["prefill"] else p for p in args.prefill)]
+        dec = [f"{r['decode'][b]:.1f} ({r['decode'][b] / b:.1f})" if b in r["decode"] else "–" for b in args.batches]
+        pre = [f"{r['prefill'][p]['tok_s']:.0f} ({r['prefill'][p]['ttft_ms']:.0f})" for p in args.prefill]
         lines.append("| " + " | ".join([v, r.get("compile", "–"),
                                         f"{r.get('weight_bytes', 0) / 1e6:.1f}" if "weight_bytes" in r else "–",
                                         *dec, *pre, f"{r['peak_rss'] / 2**20:.0f}"]) + " |")
-    ref = rows.get("llama.cpp Q4_1")
-    if ref:
-        b1 = ref["decode"][1]
+    b1 = {v: r["decode"][1] for v, r in rows.items() if 1 in r["decode"]}
+    ref = b1.get("llama.cpp Q4_1")
+    if ref and any(v in b1 for v in args.variants):
         lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(
-            f"{v} {rows[v]['decode']['1'] / b1:.2f}x" for v in args.variants)]
+            f"{v} {b1[v] / ref:.2f}x" for v in args.variants if v in b1)]
     for ours, hf in (("fp32", "transformers float32"), ("bf16", "transformers bfloat16")):
-        if ours in rows and hf in rows:
-            lines.append(f"ratio ours / transformers.generate, batch-1 decode, {ours}: "
-                         f"{rows[ours]['decode']['1'] / rows[hf]['decode']['1']:.2f}x")
+        if ours in b1 and hf in b1:
+            lines.append(f"ratio ours / transformers.generate, batch-1 decode, {ours}: {b1[ours] / b1[hf]:.2f}x")
     for v in args.eager_too:
         if v in rows and f"{v} eager" in rows:
             lines.append(f"compiled / eager decode step, {v}: " + ", ".join(
-                f"b{b} {rows[v]['decode'][str(b)] / rows[f'{v} eager']['decode'][str(b)]:.2f}x" for b in args.batches))
+                f"b{b} {rows[v]['decode'][b] / rows[f'{v} eager']['decode'][b]:.2f}x" for b in args.batches))
     for v in args.variants:
-        if "1" in rows[v]["decode"] and "8" in rows[v]["decode"]:
-            lines.append(f"batch-8 aggregate / batch-1 decode, {v}: {rows[v]['decode']['8'] / rows[v]['decode']['1']:.2f}x")
+        if v in b1 and 8 in rows[v]["decode"]:
+            lines.append(f"batch-8 aggregate / batch-1 decode, {v}: {rows[v]['decode'][8] / b1[v]:.2f}x")
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
