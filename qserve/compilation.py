@@ -24,6 +24,7 @@ import shutil
 import time
 
 import torch
+from torch import nn
 
 from qserve.attention import sdpa_attention
 from qserve.errors import ConfigError
@@ -84,7 +85,7 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
         return f"off ({problem})"
     t0 = time.perf_counter()
     model.step_layers = group_size(len(model.layers))
-    model.compiled_step = torch.compile(decode_layers)
+    model.compiled_step = torch.compile(decode_layers, options=_guard_options(model))
     try:
         _warm_up(model, cache, max_num_seqs, bucket)
     except Exception as e:  # a broken toolchain must not take a server down in auto
@@ -96,6 +97,34 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
     took = time.perf_counter() - t0
     log.info("decode step compiled in %.1f s (%d layers per call)", took, model.step_layers)
     return f"on (compiled in {took:.1f} s)"
+
+
+def layer_signature(layer: nn.Module) -> tuple:
+    """What a graph traced through one layer assumes of another: module types, plain attributes
+    (ints, flags, tuples; not the layer index) and the metadata of every tensor it holds."""
+    def meta(t: torch.Tensor) -> tuple:
+        return t.dtype, tuple(t.shape), t.is_mkldnn, None if t.is_mkldnn else t.stride()
+
+    out: list[tuple] = []
+    for name, m in layer.named_modules():
+        state = {**vars(m), **m._parameters, **m._buffers}
+        out.append((name, type(m), tuple(sorted(
+            (k, meta(v) if isinstance(v, torch.Tensor) else repr(v)) for k, v in state.items()
+            if not k.startswith("_") and k != "idx" and isinstance(v, (torch.Tensor, int, float, bool, str, tuple))))))
+    return tuple(out)
+
+
+def _guard_options(model: CausalLM) -> dict | None:
+    """Skip dynamo's guards on the layer modules when every layer has the same signature.
+
+    Why: the guards re-check each parameter of the group's layers on every call, ~110 us per call
+    (SmolLM2-135M int4 g32: 5 calls per token, ~0.5 ms of a 6.5 ms step; decode 140-150 -> 164-170
+    tok/s without them, two runs each). They protect a graph from a module it was not traced for;
+    identical signatures are that check done once, here. Layers that differ keep full guards."""
+    if len({layer_signature(layer) for layer in model.layers}) != 1:
+        log.info("decode layers differ in structure: the compiled step keeps dynamo's module guards")
+        return None
+    return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 def _warm_up(model: CausalLM, cache: KVCache, max_num_seqs: int, bucket: int) -> None:

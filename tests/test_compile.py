@@ -152,3 +152,30 @@ def test_a_failing_compiled_step_hands_over_to_eager(tiny_dir: Path) -> None:
     finally:
         eng.shutdown()
         ref.shutdown()
+
+
+def test_layers_that_differ_keep_their_guards(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled step skips dynamo's per-call module guards only when every layer has the same
+    signature, so one graph serves every layer on that layer's own weights. A layer unlike the
+    others (here an o_proj bias the first lacks) must get a graph of its own. One layer per call,
+    so every call after the first reuses a graph: the compiled step equals the eager one."""
+    import qserve.compilation as qc
+
+    monkeypatch.setattr(qc, "group_size", lambda n, largest=6: 1)
+    model = load_model(tiny_dir, torch.float32, 64)
+    cfg = model.cfg
+    ids = torch.tensor([list(range(3, 15))])
+    for differ in (False, True):
+        if differ:
+            model.layers[1].o_proj.bias = torch.nn.Parameter(torch.randn(cfg.hidden_size), requires_grad=False)
+        assert (qc.layer_signature(model.layers[0]) != qc.layer_signature(model.layers[1])) is differ
+        assert (qc._guard_options(model) is None) is differ
+        caches = [KVCache(cfg.num_layers, 2, 64, cfg.num_kv_heads, cfg.head_dim, torch.float32) for _ in range(2)]
+        torch._dynamo.reset()
+        assert setup_compiled_decode("on", model, caches[1], 2, 64).startswith("on")
+        for cache in caches:
+            model(ids, Batch.make([0], [0], 12), cache)
+        batch = Batch.make([0], [12], 1, bucket=64, max_len=64)
+        want = model(torch.tensor([[5]]), batch, caches[0])
+        got = model.decode(torch.tensor([[5]]), batch, caches[1])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
