@@ -176,9 +176,10 @@ class Checkpoint:
     def map(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor as a view of its file (a private copy-on-write mapping), not a copy in memory:
         pages are read when first touched and stay reclaimable page cache. Why: the embedding
-        table is only read a row per token, and held in memory it is a third of a 4-bit
-        SmolLM2-135M. Falls back to `get` for data torch cannot view in place (not a float type,
-        or not aligned to its element size)."""
+        table is only read a row per token. (`get` returns such views too, as safetensors happens
+        to; this one is ours to rely on, writable without touching the file, and advised for
+        random access.) Falls back to `get` for data torch cannot view in place (not a float
+        type, or not aligned to its element size)."""
         if not self.mappable(name):
             return self.get(name, shape)
         info = self._info(name)
