@@ -84,7 +84,8 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
         log.info("decode runs eager: %s", problem)
         return f"off ({problem})"
     t0 = time.perf_counter()
-    model.step_layers = group_size(len(model.layers))
+    n = group_size(len(model.layers))
+    model.step_groups = [tuple(model.layers[i:i + n]) for i in range(0, len(model.layers), n)]
     model.compiled_step = torch.compile(decode_layers, options=_guard_options(model))
     try:
         _warm_up(model, cache, max_num_seqs, bucket)
@@ -95,7 +96,7 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
         log.warning("compiling the decode step failed, decode runs eager: %s: %s", type(e).__name__, e)
         return f"off (compile failed: {type(e).__name__})"
     took = time.perf_counter() - t0
-    log.info("decode step compiled in %.1f s (%d layers per call)", took, model.step_layers)
+    log.info("decode step compiled in %.1f s (%d layers per call)", took, n)
     return f"on (compiled in {took:.1f} s)"
 
 
