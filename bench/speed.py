@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def open_engine(model_dir: str, dtype: str, max_num_seqs: int, ctx: int, chunk: int, threads: int | None,
-                compile_mode: str):
+                compile_mode: str, dense_layout: str = "auto"):
     """A started TorchEngine as `qserve serve` would run it."""
     from qserve.engine import EngineConfig, TorchEngine
     from qserve.tokenizer import load_tokenizer
@@ -39,7 +39,7 @@ def open_engine(model_dir: str, dtype: str, max_num_seqs: int, ctx: int, chunk: 
     d = Path(model_dir)
     eng = TorchEngine(d, d.name, load_tokenizer(d), EngineConfig(
         dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=ctx, prefill_chunk=chunk, threads=threads,
-        max_waiting=1024, compile=compile_mode))
+        max_waiting=1024, compile=compile_mode, dense_layout=dense_layout))
     eng.start()
     return eng
 

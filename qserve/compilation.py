@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from types import FunctionType
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torch import nn
 from qserve.attention import sdpa_attention
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
-from qserve.model import CausalLM, decode_layers
+from qserve.model import CausalLM, decode_head, decode_layers
 
 log = logging.getLogger("qserve.compile")
 
@@ -72,7 +73,7 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
 
     Returns a one-line status for logs and /admin info. In `auto`, a model it does not apply to or
     a failing compiler leaves the eager path in place (the engine works either way)."""
-    model.compiled_step = None
+    model.compiled_step, model.compiled_head = None, decode_head
     if mode not in MODES:
         raise ConfigError(f"compile mode must be one of {MODES}, got {mode!r}")
     if mode == "off":
@@ -86,11 +87,12 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
     t0 = time.perf_counter()
     n = group_size(len(model.layers))
     model.step_groups = [tuple(model.layers[i:i + n]) for i in range(0, len(model.layers), n)]
-    model.compiled_step = torch.compile(decode_layers, options=_guard_options(model))
+    model.compiled_step = torch.compile(_own_code(decode_layers), options=_guard_options(model))
+    model.compiled_head = torch.compile(_own_code(decode_head))
     try:
         _warm_up(model, cache, max_num_seqs, bucket)
     except Exception as e:  # a broken toolchain must not take a server down in auto
-        model.compiled_step = None
+        model.compiled_step, model.compiled_head = None, decode_head
         if mode == "on":
             raise ConfigError(f"--compile on, but compiling the decode step failed: {type(e).__name__}: {e}") from e
         log.warning("compiling the decode step failed, decode runs eager: %s: %s", type(e).__name__, e)
@@ -98,6 +100,13 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
     took = time.perf_counter() - t0
     log.info("decode step compiled in %.1f s (%d layers per call)", took, n)
     return f"on (compiled in {took:.1f} s)"
+
+
+def _own_code(fn: FunctionType) -> FunctionType:
+    """fn with a code object of its own. Why: dynamo caches graphs on the code object, so every
+    model compiled in a process would share one cache, and a graph traced for another model (whose
+    module guards _guard_options skipped) would run on this one."""
+    return FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def layer_signature(layer: nn.Module) -> tuple:

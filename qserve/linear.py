@@ -114,6 +114,21 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T for one row of x, written as a multiply-and-sum that inductor turns into a C++
+    reduction, fused with the ops around it, accumulating in fp32 like the library matmuls.
+
+    Why: in a compiled batch-1 step this streams a plain-layout weight faster than calling the
+    oneDNN-packed matmul (SmolLM2-135M's 120 bf16 layer weights as one graph: 36 GB/s against
+    30 GB/s for the packed calls), and the norms, RoPE and SiLU around it stop being separate
+    kernels. It is for one row only: it reads the weight once per row, so a batch calls the
+    library matmul."""
+    out = (x.float().unsqueeze(-2) * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
 def can_pack(dtype: torch.dtype) -> bool:
     """oneDNN is built in and, for bf16, this CPU has native bf16 dot products."""
     if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
@@ -147,6 +162,8 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return packed_linear(x, self.weight, self.bias)
+        if x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def weight_bytes(self) -> int:

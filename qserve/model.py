@@ -163,6 +163,12 @@ def decode_layers(layers: tuple[DecoderLayer, ...], x: torch.Tensor, k_caches: t
     return x
 
 
+def decode_head(norm: RMSNorm, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and head on the last position, as fp32 logits: the decode step's last part, which
+    qserve.compilation compiles too (a plain-layout head then runs as an in-graph GEMV)."""
+    return head(norm(x[:, -1])).float()
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, max_len: int,
                  int8_head: bool = False):
@@ -200,6 +206,7 @@ class CausalLM(nn.Module):
         # set by qserve.compilation: the compiled decode_layers, and the consecutive layers each
         # call runs (made once: slicing a ModuleList per call cost ~65 us per token)
         self.compiled_step: Callable[..., torch.Tensor] | None = None
+        self.compiled_head: Callable[..., torch.Tensor] = decode_head
         self.step_groups: list[tuple[DecoderLayer, ...]] = []
 
     @property
@@ -273,7 +280,7 @@ class CausalLM(nn.Module):
                 j = i + len(layers)
                 x = self.compiled_step(layers, x, ks[i:j], vs[i:j], *args)
                 i = j
-            return self.lm_head(self.norm(x[:, -1])).float()
+            return self.compiled_head(self.norm, self.lm_head, x)
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, max_len: int, int8_head: bool = False) -> CausalLM:

@@ -14,7 +14,8 @@ from qserve.compilation import setup_compiled_decode
 from qserve.engine_api import SamplingParams
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
-from qserve.linear import can_pack
+from qserve.engine import TorchEngine
+from qserve.linear import DenseLinear, can_pack
 from qserve.model import load_model
 
 pytestmark = needs_compiler
@@ -179,3 +180,87 @@ def test_layers_that_differ_keep_their_guards(tiny_dir: Path, monkeypatch: pytes
         want = model(torch.tensor([[5]]), batch, caches[0])
         got = model.decode(torch.tensor([[5]]), batch, caches[1])
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def _decode_vs_eager(model, slots: list[int], prompts: dict[int, list[int]], cache_slots: int = 4
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill `prompts` (slot -> ids) into two caches, then one decode token per slot in `slots`:
+    (compiled step's logits, eager forward's logits). The model must be compiled already."""
+    cfg, dt = model.cfg, model.dtype
+    caches = [KVCache(cfg.num_layers, cache_slots, 64, cfg.num_kv_heads, cfg.head_dim, dt) for _ in range(2)]
+    for cache in caches:
+        for slot, p in prompts.items():
+            model(torch.tensor([p]), Batch.make([slot], [0], len(p)), cache)
+    batch = Batch.make(slots, [len(prompts[s]) for s in slots], 1, bucket=64, max_len=64)
+    ids = torch.tensor([[7 + i] for i in range(len(slots))])
+    return model.decode(ids, batch, caches[1]), model(ids, batch, caches[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_dense_layout_reads_weights_in_graph(tiny_tied_dir: Path, dtype: torch.dtype,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacked weights (the single-stream layout): the batch-1 graph computes every linear and the
+    head as linear.gemv inside the graph, the batch graph calls the library matmul; both equal the
+    eager step to the dtype's precision."""
+    import qserve.linear as ql
+
+    traced = []
+    real = ql.gemv
+    monkeypatch.setattr(ql, "gemv", lambda *a: traced.append(a[1].shape) or real(*a))
+    model = load_model(tiny_tied_dir, dtype, 64)
+    cfg = model.cfg
+    assert setup_compiled_decode("on", model, KVCache(cfg.num_layers, 4, 64, cfg.num_kv_heads, cfg.head_dim, dtype),
+                                 4, 64).startswith("on")
+    # traced once, in the batch-1 graph: each layer's 4 linears and the head
+    assert len(traced) == 4 * cfg.num_layers + 1 and traced[-1] == (cfg.vocab_size, cfg.hidden_size)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    prompts = {0: list(range(5, 25)), 2: list(range(40, 47)), 3: list(range(60, 90))}
+    for slots in ([2], [3, 0, 2]):
+        got, want = _decode_vs_eager(model, slots, prompts)
+        torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+
+
+def test_models_compiled_in_one_process_keep_their_own_graphs(tiny_dir: Path, tiny_rtn4_dir: Path) -> None:
+    """Two models of different structure compiled in one process, no reset between: dynamo caches
+    graphs per code object, and the step skips module guards, so a shared cache would run the
+    first model's graph on the second. Each must decode what its own eager step does."""
+    models = [load_model(d, torch.bfloat16, 64, int8_head=d == tiny_rtn4_dir) for d in (tiny_dir, tiny_rtn4_dir)]
+    for m in models:
+        cfg = m.cfg
+        cache = KVCache(cfg.num_layers, 4, 64, cfg.num_kv_heads, cfg.head_dim, torch.bfloat16)
+        assert setup_compiled_decode("on", m, cache, 4, 64).startswith("on")
+    prompts = {0: list(range(5, 25)), 1: list(range(40, 47))}
+    for m in models:
+        for slots in ([1], [0, 1]):
+            got, want = _decode_vs_eager(m, slots, prompts)
+            torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not can_pack(torch.float32), reason="oneDNN is not built in")
+def test_dense_layout_policy(tiny_dir: Path) -> None:
+    """auto keeps unquantized weights plain only for a single-stream engine whose step compiles
+    (and packs them if the step turns out not to compile); packed/plain force it. The
+    single-stream plain engine's greedy tokens equal an eager, packed engine's."""
+    def packed(eng: TorchEngine) -> bool:
+        return all(m.packed for m in eng.model.modules() if isinstance(m, DenseLinear))
+
+    cases = [({"max_num_seqs": 1, "compile": "on"}, False),
+             ({"max_num_seqs": 2, "compile": "on"}, True),
+             ({"max_num_seqs": 1, "compile": "off"}, True),
+             ({"max_num_seqs": 1, "compile": "auto", "kv_format": "int8"}, True),  # the step does not compile
+             ({"max_num_seqs": 1, "compile": "on", "dense_layout": "packed"}, True),
+             ({"max_num_seqs": 2, "compile": "on", "dense_layout": "plain"}, False)]
+    ids = [3, 17, 42, 8, 99]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = []
+    for cfg, want in cases:
+        eng = make_engine(tiny_dir, dtype="float32", **cfg)
+        try:
+            assert packed(eng) is want, cfg
+            if cfg in (cases[0][0], cases[2][0]):
+                outs.append(tokens(run_many(eng, [ids], params)[0]))
+        finally:
+            eng.shutdown()
+    assert outs[0] == outs[1] and len(outs[0]) == 12
+    with pytest.raises(ConfigError, match="dense layout"):
+        make_engine(tiny_dir, dense_layout="blocked")

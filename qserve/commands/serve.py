@@ -43,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the decode step before serving (~6 s at start, ~20-35 s with a cold "
                         "cache; ~1.4x faster batch-1 decode of int4 SmolLM2): auto = when the model and KV "
                         "format allow it and a C++ compiler is installed; on = or fail")
+    p.add_argument("--dense-layout", choices=["auto", "packed", "plain"], default=_env("DENSE_LAYOUT", "auto"),
+                   help="unquantized (fp32/bf16) weights: packed = oneDNN's layout, fastest for batched "
+                        "decode and prefill; plain = read in the compiled batch-1 step, fastest for one "
+                        "stream; auto = plain when --max-num-seqs is 1 and the decode step compiles")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--head", choices=["auto", "int8", "model"], default=_env("HEAD", "auto"),
                    help="output head precision: auto = int8 for quantized checkpoints, as stored otherwise")
@@ -195,7 +199,8 @@ def build_engine(args: argparse.Namespace, model_dir, tokenizer, blocks=None):
     cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                        prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting,
                        dtype=args.dtype, threads=args.threads, head=args.head, bitstack_blocks=blocks,
-                       kv_format=args.kv_format, attention=args.attention, compile=args.compile)
+                       kv_format=args.kv_format, attention=args.attention, compile=args.compile,
+                       dense_layout=args.dense_layout)
     return TorchEngine(model_dir, name, tokenizer, cfg), name
 
 
