@@ -4,11 +4,14 @@ llama.cpp on the model's GGUF in the same run when `llama-cpp-python` is install
 
     python bench/speed.py [MODEL_DIR] [--tiny] [--batches 1 4 8 16] [--prefill 128 512 2048]
                           [--tokens 64] [--repeats 3] [--compile auto] [--eager-too bf16 int4-g32]
-                          [--out bench/results/speed.md]
+                          [--single-stream fp32 bf16] [--out bench/results/speed.md]
 
 MODEL_DIR defaults to SmolLM2-135M (`qserve pull smollm2-135m`). Variants run as `qserve serve`
 runs them (decode step compiled when it applies, --compile auto); the --eager-too variants are
-measured again with it off, to show what compiling buys. Each variant runs in its own
+measured again with it off, to show what compiling buys. Each variant's engine takes as many
+streams as the largest batch, so unquantized weights are oneDNN-packed (--dense-layout auto); the
+--single-stream variants are measured again at batch 1 on a one-stream engine, which keeps them
+plain for the compiled batch-1 step, as `qserve serve --max-num-seqs 1` does. Each variant runs in its own
 process (so its peak RSS is its own). Decode figures are medians of --repeats runs after a
 warm-up; prefill goes through the engine's chunked prefill (--prefill-chunk, default 512), as a
 served request would. Shared machines are noisy: compare rows of one run, and the ratios.
@@ -196,6 +199,8 @@ def main() -> int:
                     help="the engine's decode-step compilation for the variants (as `qserve serve --compile`)")
     ap.add_argument("--eager-too", nargs="*", default=["bf16", "int4-g32"],
                     help="variants also measured with --compile off, as '<variant> eager' rows")
+    ap.add_argument("--single-stream", nargs="*", default=["fp32", "bf16"],
+                    help="variants also measured at batch 1 on a one-stream engine, as '<variant> single-stream' rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "speed.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -228,14 +233,15 @@ def main() -> int:
         elif v.startswith("int4-g"):
             rtn.run(src, tmp / v, argparse.Namespace(bits=4, group_size=int(v[6:])))
             dirs[v] = (tmp / v, "bfloat16")
-    runs = [(v, *dirs[v], "qserve", args.compile) for v in args.variants]
+    runs = [(v, *dirs[v], "qserve", args.compile, args.batches) for v in args.variants]
     if args.compile != "off":
-        runs += [(f"{v} eager", *dirs[v], "qserve", "off") for v in args.eager_too if v in dirs]
+        runs += [(f"{v} eager", *dirs[v], "qserve", "off", args.batches) for v in args.eager_too if v in dirs]
+    runs += [(f"{v} single-stream", *dirs[v], "qserve", args.compile, [1]) for v in args.single_stream if v in dirs]
     if not args.no_transformers:
-        runs += [(f"transformers {dt}", src, dt, "hf", "-") for dt in ("float32", "bfloat16")]
+        runs += [(f"transformers {dt}", src, dt, "hf", "-", args.batches) for dt in ("float32", "bfloat16")]
     rows: dict[str, dict] = {}
-    for v, d, dtype, engine, mode in runs:
-        cmd = [sys.executable, __file__, "--child", f"{d}::{dtype}::{engine}::{mode}", "--batches", *map(str, args.batches),
+    for v, d, dtype, engine, mode, batches in runs:
+        cmd = [sys.executable, __file__, "--child", f"{d}::{dtype}::{engine}::{mode}", "--batches", *map(str, batches),
                "--prefill", *map(str, args.prefill), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                "--prefill-chunk", str(args.prefill_chunk)] + (["--threads", str(args.threads)] if args.threads else [])
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -268,7 +274,8 @@ def main() -> int:
     if ref and any(v in b1 for v in args.variants):
         lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(
             f"{v} {b1[v] / ref:.2f}x" for v in args.variants if v in b1)]
-    for ours, hf in (("fp32", "transformers float32"), ("bf16", "transformers bfloat16")):
+    for ours, hf in (("fp32", "transformers float32"), ("bf16", "transformers bfloat16"),
+                     ("fp32 single-stream", "transformers float32"), ("bf16 single-stream", "transformers bfloat16")):
         if ours in b1 and hf in b1:
             lines.append(f"ratio ours / transformers.generate, batch-1 decode, {ours}: {b1[ours] / b1[hf]:.2f}x")
     for v in args.eager_too:

@@ -166,9 +166,9 @@ class TorchEngine(Engine):
         auto: plain for a single-stream engine (max_num_seqs 1) whose decode step is compiled,
         packed otherwise. Why: a compiled batch-1 step reads plain weights in-graph
         (qserve.linear.gemv) faster than it calls the packed matmul (SmolLM2-135M bf16 decode,
-        bench/decode_ab.py: 93 -> 123 tok/s), while batched decode and prefill run the library matmul, which is
-        1.5-2x faster on packed weights (same model, 4 and 8 streams: 315 -> 186, 524 -> 342
-        aggregate tok/s on plain ones). The bytes are the same either way."""
+        bench/decode_ab.py: 93 -> 123 tok/s), while batched decode and prefill run the library
+        matmul, which is 1.5-2x faster on packed weights (same model, 4 and 8 streams: 315 -> 186,
+        524 -> 342 aggregate tok/s on plain ones). The bytes are the same either way."""
         layout = self.cfg.dense_layout
         if layout not in DENSE_LAYOUTS:
             raise ConfigError(f"dense layout must be one of {DENSE_LAYOUTS}, got {layout!r}")
