@@ -56,6 +56,12 @@ def toolchain_problem() -> str | None:
     return None
 
 
+def will_try_compile(mode: str) -> bool:
+    """Whether a decode step in `mode` will be compiled, unless the model or KV format turn out
+    not to allow it (compile_problem)."""
+    return mode != "off" and toolchain_problem() is None
+
+
 def import_compiler() -> None:
     """Import the compiler stack now (~115 MiB of RSS), e.g. before the planner measures the
     serving baseline, so that a process which will compile is measured with it."""

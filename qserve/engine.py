@@ -29,9 +29,8 @@ from qserve.engine_api import (
     Engine, EngineBusy, EngineInfo, GenerationEvent, RequestHandle, RequestRejected, SamplingParams, check_admission,
 )
 from qserve.attention import get_attention
-from qserve.compilation import setup_compiled_decode, toolchain_problem
+from qserve.compilation import setup_compiled_decode, will_try_compile
 from qserve.kvcache import Batch, KVCache, get_kv_format
-from qserve.linear import DenseLinear
 from qserve.model import CausalLM, load_model
 from qserve.sampling import make_generator, sample
 from qserve.sysmem import release_free_memory
@@ -156,7 +155,7 @@ class TorchEngine(Engine):
         assert self.model is not None and self.cache is not None
         self.compile_status = setup_compiled_decode(self.cfg.compile, self.model, self.cache,
                                                     self.cfg.max_num_seqs, KV_BUCKET)
-        if self.model.compiled_step is None and self.cfg.dense_layout == "auto":
+        if self.model.compiled_step is None:
             self._pack_for_eager()
 
     @property
@@ -174,15 +173,14 @@ class TorchEngine(Engine):
             raise ConfigError(f"dense layout must be one of {DENSE_LAYOUTS}, got {layout!r}")
         if layout != "auto":
             return layout == "plain"
-        return self.cfg.max_num_seqs == 1 and self.cfg.compile != "off" and toolchain_problem() is None
+        return self.cfg.max_num_seqs == 1 and will_try_compile(self.cfg.compile)
 
     def _pack_for_eager(self) -> None:
         """The eager step runs the library matmul at every batch size: auto's plain layout was only
         for the compiled step."""
         assert self.model is not None
-        if any(isinstance(m, DenseLinear) and not m.packed for m in self.model.modules()):
-            if self.model.pack_dense_linears():
-                log.info("decode runs eager: unquantized weights packed for the library matmul")
+        if self.cfg.dense_layout == "auto" and self.model.pack_dense_linears():
+            log.info("decode runs eager: unquantized weights packed for the library matmul")
 
     def _load(self, model_dir: Path, blocks: int | None) -> CausalLM:
         cfg = load_config(model_dir)
@@ -376,8 +374,7 @@ class TorchEngine(Engine):
             except Exception as e:
                 log.exception("the compiled decode step failed; decoding eager from now on")
                 self.model.compiled_step = None
-                if self.cfg.dense_layout == "auto":
-                    self._pack_for_eager()
+                self._pack_for_eager()
                 self.compile_status = f"off (failed while serving: {type(e).__name__})"
         return self.model(ids, batch, self.cache)
 

@@ -234,10 +234,11 @@ class CausalLM(nn.Module):
 
     def pack_dense_linears(self) -> int:
         """Reorder every unquantized linear's weight for fast small-batch matmuls (DenseLinear.pack).
-        Returns how many were packed; 0 when oneDNN cannot (qserve.linear.can_pack)."""
+        Returns how many were packed now (not those packed before); 0 when oneDNN cannot
+        (qserve.linear.can_pack)."""
         if not can_pack(self.dtype):
             return 0
-        linears = [m for m in self.modules() if isinstance(m, DenseLinear)]
+        linears = [m for m in self.modules() if isinstance(m, DenseLinear) and not m.packed]
         for m in linears:
             m.pack()
             release_free_memory()  # the plain copy, so packing does not raise the process's peak

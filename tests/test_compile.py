@@ -85,6 +85,7 @@ def test_packed_dense_linears(tiny_tied_dir: Path, dtype: torch.dtype) -> None:
     packed = load_model(tiny_tied_dir, dtype, 64)
     n = packed.pack_dense_linears()
     assert n == 4 * plain.cfg.num_layers + 1  # qkv, o, gate_up, down, and the tied head
+    assert packed.pack_dense_linears() == 0  # packed ones are left as they are
     assert packed.tied_head and packed.lm_head.packed and not plain.lm_head.packed
     assert packed.layers[0].qkv.weight.is_mkldnn and packed.weight_bytes() == plain.weight_bytes()
     cfg = plain.cfg

@@ -136,9 +136,9 @@ def tokenizer_dir(family_dir):
 
 def will_compile(args: argparse.Namespace) -> bool:
     """Whether the engine will try to compile its decode step (it may still find the model unfit)."""
-    from qserve.compilation import toolchain_problem
+    from qserve.compilation import will_try_compile
 
-    return args.engine == "torch" and args.compile != "off" and toolchain_problem() is None
+    return args.engine == "torch" and will_try_compile(args.compile)
 
 
 def runtime_overhead(value: str, compiled: bool = False) -> tuple[int, str]:
