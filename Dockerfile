@@ -18,23 +18,22 @@ COPY .whl/ /
 FROM scratch AS model
 COPY deploy/model-placeholder/ /
 
-FROM ${BASE_IMAGE} AS build
-# One venv holding qserve and its pinned dependencies, installed from the wheelhouse only. The
-# bytecode pip compiles stays: the runtime root filesystem may be read-only.
-RUN --mount=type=bind,from=wheels,target=/wheels \
-    python3 -m venv /opt/qserve \
-    && /opt/qserve/bin/pip install --no-cache-dir --no-index --find-links=/wheels /wheels/qserve-*.whl \
-    && /opt/qserve/bin/pip uninstall --yes pip setuptools
-
 FROM ${BASE_IMAGE}
 ARG UID=10001
 LABEL org.opencontainers.image.title="qserve" \
       org.opencontainers.image.description="LLM quantization serving backend, OpenAI-compatible API" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN groupadd --system --gid "${UID}" qserve \
+# One stage: the wheels arrive through a bind mount and never enter a layer, so a separate build
+# stage would only add a second copy of the ~1.3 GB venv to every build (disk, not image size).
+# The venv holds qserve and its pinned dependencies from the wheelhouse only, without pip; the
+# bytecode pip compiles stays, as the runtime root filesystem may be read-only.
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    python3 -m venv /opt/qserve \
+    && /opt/qserve/bin/pip install --no-cache-dir --no-index --find-links=/wheels /wheels/qserve-*.whl \
+    && /opt/qserve/bin/pip uninstall --yes pip setuptools \
+    && groupadd --system --gid "${UID}" qserve \
     && useradd --system --uid "${UID}" --gid qserve --home-dir /home/qserve --create-home \
        --shell /usr/sbin/nologin qserve
-COPY --from=build /opt/qserve /opt/qserve
 # /models/model is the mount point for a model (read-only is fine). No VOLUME instruction: it
 # would copy a baked-in model into an anonymous volume on every start.
 COPY --from=model / /models/model/
