@@ -35,6 +35,11 @@ from qserve.model import CausalLM, decode_head, decode_layers
 log = logging.getLogger("qserve.compile")
 
 MODES = ("auto", "on", "off")
+# No size/stride asserts on every input in the generated wrapper (~130 per call at 6 layers a call,
+# with the buffer allocations the Python left between the kernels): dynamo's guards check the
+# inputs already, and layer_signature the parameters whose guards _guard_options skips.
+# SmolLM2-135M bf16 batch 1: +2.5% and +3.9% tok/s, paired in-process runs of 20 and 12 rounds.
+INDUCTOR_OPTIONS = {"size_asserts": False}
 
 
 def compile_problem(model: CausalLM, cache: KVCache) -> str | None:
@@ -93,8 +98,8 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
     t0 = time.perf_counter()
     n = group_size(len(model.layers))
     model.step_groups = [tuple(model.layers[i:i + n]) for i in range(0, len(model.layers), n)]
-    model.compiled_step = torch.compile(_own_code(decode_layers), options=_guard_options(model))
-    model.compiled_head = torch.compile(_own_code(decode_head))
+    model.compiled_step = torch.compile(_own_code(decode_layers), options=INDUCTOR_OPTIONS | _guard_options(model))
+    model.compiled_head = torch.compile(_own_code(decode_head), options=INDUCTOR_OPTIONS)
     try:
         _warm_up(model, cache, max_num_seqs, bucket)
     except Exception as e:  # a broken toolchain must not take a server down in auto
@@ -130,7 +135,7 @@ def layer_signature(layer: nn.Module) -> tuple:
     return tuple(out)
 
 
-def _guard_options(model: CausalLM) -> dict | None:
+def _guard_options(model: CausalLM) -> dict:
     """Skip dynamo's guards on the layer modules when every layer has the same signature.
 
     Why: the guards re-check each parameter of the group's layers on every call, ~110 us per call
@@ -139,7 +144,7 @@ def _guard_options(model: CausalLM) -> dict | None:
     identical signatures are that check done once, here. Layers that differ keep full guards."""
     if len({layer_signature(layer) for layer in model.layers}) != 1:
         log.info("decode layers differ in structure: the compiled step keeps dynamo's module guards")
-        return None
+        return {}
     return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
