@@ -6,7 +6,7 @@ between two runs. Here every engine stays loaded in its own process and each rou
 decode of each (the order rotates every round), so each round gives a ratio measured within
 seconds; the table reports per-engine medians and the median of the per-round ratios.
 
-    python bench/decode_ab.py [MODEL_DIR] [--rounds 15] [--tokens 64] [--threads 2]
+    python bench/decode_ab.py [MODEL_DIR] [--rounds 15] [--tokens 64] [--threads 2] [--prompt 32]
                               [--out bench/results/decode_ab.md]
 
 Engines: ours (int4 g32 and bf16, decode step compiled and eager; every engine here is single-stream,
@@ -36,20 +36,20 @@ import speed  # noqa: E402  (the engines' open/decode helpers)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def child(spec: str, tokens: int, threads: int) -> None:
+def child(spec: str, tokens: int, threads: int, prompt: int) -> None:
     """Serve decode measurements on stdin/stdout: a line in, one tok/s figure out."""
     kind, path, dtype, mode, *layout = spec.split("::")
     if kind == "qserve":
-        eng = speed.open_engine(path, dtype, 1, 32 + tokens + 8, 512, threads, mode, *layout)
-        decode = lambda: speed.engine_run(eng, 1, 32, tokens)[0]  # noqa: E731
+        eng = speed.open_engine(path, dtype, 1, prompt + tokens + 8, 512, threads, mode, *layout)
+        decode = lambda: speed.engine_run(eng, 1, prompt, tokens)[0]  # noqa: E731
     elif kind == "hf":
         model = speed.open_transformers(path, dtype, threads)
-        decode = lambda: speed.transformers_decode(model, tokens)  # noqa: E731
+        decode = lambda: speed.transformers_decode(model, tokens, prompt)  # noqa: E731
     elif kind == "stream":
         decode = weight_stream(path, threads, tokens)
     else:
-        llm = speed.open_llama(Path(path), threads, 32 + tokens + 16)
-        decode = lambda: speed.llama_decode(llm, tokens)  # noqa: E731
+        llm = speed.open_llama(Path(path), threads, prompt + tokens + 16)
+        decode = lambda: speed.llama_decode(llm, tokens, prompt)  # noqa: E731
     decode()  # warm-up
     print("ready", flush=True)
     for _ in sys.stdin:
@@ -98,11 +98,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens before the decode (the keys it attends to)")
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_ab.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.tokens, args.threads)
+        child(args.child, args.tokens, args.threads, args.prompt)
         return 0
 
     from qserve.offline import quantizers
@@ -123,7 +124,7 @@ def main() -> int:
     procs = {}
     for name, spec in engines.items():  # started one at a time: loads and compiles do not overlap
         p = subprocess.Popen([sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens),
-                              "--threads", str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              "--threads", str(args.threads), "--prompt", str(args.prompt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
         if p.stdout.readline().strip() != "ready":
             raise SystemExit(f"{name} failed to start")
@@ -144,7 +145,7 @@ def main() -> int:
         rs = sorted(x / y for x, y in zip(rates[a], rates[b]))
         return f"{a} / {b}: median {statistics.median(rs):.2f}x (min {rs[0]:.2f}, max {rs[-1]:.2f})"
 
-    lines = [f"model: {src.name}; {args.threads} threads; batch 1, {args.tokens} tokens after a 32-token prompt; "
+    lines = [f"model: {src.name}; {args.threads} threads; batch 1, {args.tokens} tokens after a {args.prompt}-token prompt; "
              f"{args.rounds} rounds, each engine once per round (order rotating)", "",
              "| engine | median tok/s | min | max |", "|---|---|---|---|"]
     lines += [f"| {n} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} |" for n, v in rates.items()]

@@ -115,9 +115,9 @@ def transformers_generate(model, prompt_len: int, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def transformers_decode(model, tokens: int) -> float:
+def transformers_decode(model, tokens: int, prompt_len: int = 32) -> float:
     """Decode tok/s: (tokens - 1) / (time for `tokens` new tokens - time for one): no prompt."""
-    return (tokens - 1) / (transformers_generate(model, 32, tokens) - transformers_generate(model, 32, 1))
+    return (tokens - 1) / (transformers_generate(model, prompt_len, tokens) - transformers_generate(model, prompt_len, 1))
 
 
 def _transformers(model_dir: str, dtype: str, prefills: list[int], tokens: int, repeats: int,
@@ -152,10 +152,10 @@ def open_llama(gguf: Path, threads: int, ctx: int):
     return Llama(model_path=str(gguf), n_threads=threads, n_ctx=ctx, verbose=False)
 
 
-def llama_decode(llm, tokens: int) -> float:
-    """Greedy decode tok/s after a 32-token prompt (its high-level API serves one sequence)."""
+def llama_decode(llm, tokens: int, prompt_len: int = 32) -> float:
+    """Greedy decode tok/s after a prompt_len-token prompt (its high-level API serves one sequence)."""
     llm.reset()
-    llm.eval([100 + j for j in range(32)])
+    llm.eval([(100 + j) % 1000 + 10 for j in range(prompt_len)])
     t0 = time.perf_counter()
     for _ in range(tokens):
         llm.eval([llm.sample(temp=0.0)])

@@ -265,3 +265,30 @@ def test_dense_layout_policy(tiny_dir: Path) -> None:
     assert outs[0] == outs[1] and len(outs[0]) == 12
     with pytest.raises(ConfigError, match="dense layout"):
         make_engine(tiny_dir, dense_layout="blocked")
+
+
+def test_compiled_step_math_matches_the_eager_forms() -> None:
+    """The compiled step's RoPE and attention forms against the eager ones: RoPE on D's halves is
+    the same products and sums, so bitwise equal; the inline attention is the same fp32 math in
+    another order (GQA groups, a padded key masked out)."""
+    from qserve.attention import decode_attention, inline_decode_attention
+    from qserve.model import apply_rope, apply_rope_halves
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 12, 1, 64, generator=g).to(dtype)
+        angle = torch.rand(2, 1, 1, 32, generator=g) * 6.3
+        cos = torch.cat([angle.cos()] * 2, -1).to(dtype)
+        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dtype)
+        assert torch.equal(apply_rope_halves(x, cos, sin), apply_rope(x, cos, sin))
+
+        q = torch.randn(2, 9, 1, 64, generator=g).to(dtype)
+        k, v = (torch.randn(2, 3, 40, 64, generator=g).to(dtype) for _ in range(2))
+        mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+        mask[1, ..., 30:] = False
+        want = decode_attention(q, k, v, mask)
+        got = inline_decode_attention(q, k, v, mask)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        k[1, :, 30:] = 1e4  # a masked key must not count
+        torch.testing.assert_close(inline_decode_attention(q, k, v, mask), got, rtol=0, atol=0)
