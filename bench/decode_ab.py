@@ -98,7 +98,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens before the decode (the keys it attends to)")
+    ap.add_argument("--prompt", type=int, default=32,
+                    help="prompt tokens before the decode (the keys it attends to)")
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_ab.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -124,8 +125,8 @@ def main() -> int:
     procs = {}
     for name, spec in engines.items():  # started one at a time: loads and compiles do not overlap
         p = subprocess.Popen([sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens),
-                              "--threads", str(args.threads), "--prompt", str(args.prompt)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+                              "--threads", str(args.threads), "--prompt", str(args.prompt)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if p.stdout.readline().strip() != "ready":
             raise SystemExit(f"{name} failed to start")
         procs[name] = p

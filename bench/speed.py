@@ -116,7 +116,8 @@ def transformers_generate(model, prompt_len: int, n: int) -> float:
 
 
 def transformers_decode(model, tokens: int, prompt_len: int = 32) -> float:
-    """Decode tok/s: (tokens - 1) / (time for `tokens` new tokens - time for one): no prompt."""
+    """Decode tok/s: (tokens - 1) / (time for `tokens` new tokens - time for one), so the prompt's
+    prefill cancels out."""
     return (tokens - 1) / (transformers_generate(model, prompt_len, tokens) - transformers_generate(model, prompt_len, 1))
 
 
