@@ -33,6 +33,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def prompt_ids(n: int, stream: int = 0) -> list[int]:
+    """The synthetic prompt every engine here is given: the same tokens for stream 0 in each, so
+    paired rows prefill and attend to the same keys; other streams are shifted."""
+    return [(100 + 7 * stream + j) % 1000 + 10 for j in range(n)]
+
+
 def open_engine(model_dir: str, dtype: str, max_num_seqs: int, ctx: int, chunk: int, threads: int | None,
                 compile_mode: str, dense_layout: str = "auto"):
     """A started TorchEngine as `qserve serve` would run it."""
@@ -59,7 +65,7 @@ def engine_run(eng, batch: int, prompt_len: int, n: int) -> tuple[float, float]:
         firsts: list[float] = []
 
         async def one(i: int) -> None:
-            prompt = [(100 + 7 * i + j) % 1000 + 10 for j in range(prompt_len)]
+            prompt = prompt_ids(prompt_len, i)
             first = True
             async for _ in eng.submit(f"r{i}", prompt, params):
                 if first:
@@ -107,7 +113,7 @@ def transformers_generate(model, prompt_len: int, n: int) -> float:
     """Seconds for one greedy `generate` of n tokens after a prompt_len-token prompt."""
     import torch
 
-    ids = torch.tensor([[(100 + j) % 1000 + 10 for j in range(prompt_len)]])
+    ids = torch.tensor([prompt_ids(prompt_len)])
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -156,7 +162,7 @@ def open_llama(gguf: Path, threads: int, ctx: int):
 def llama_decode(llm, tokens: int, prompt_len: int = 32) -> float:
     """Greedy decode tok/s after a prompt_len-token prompt (its high-level API serves one sequence)."""
     llm.reset()
-    llm.eval([(100 + j) % 1000 + 10 for j in range(prompt_len)])
+    llm.eval(prompt_ids(prompt_len))
     t0 = time.perf_counter()
     for _ in range(tokens):
         llm.eval([llm.sample(temp=0.0)])
@@ -171,7 +177,7 @@ def _llama_cpp(gguf: Path, batches: list[int], prefills: list[int], tokens: int,
     def prefill(n: int) -> float:
         llm.reset()
         t0 = time.perf_counter()
-        llm.eval([(100 + j) % 1000 + 10 for j in range(n)])
+        llm.eval(prompt_ids(n))
         return n / (time.perf_counter() - t0)
 
     llama_decode(llm, tokens)
