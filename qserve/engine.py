@@ -39,7 +39,7 @@ log = logging.getLogger("qserve.engine")
 
 KV_BUCKET = 64  # decode key lengths are padded to a multiple of this (see Batch.make)
 PREFILL_BUCKET = 32  # prefill chunks are padded to a multiple of this
-DENSE_LAYOUTS = ("auto", "packed", "plain")
+DENSE_LAYOUTS = ("auto", "packed", "plain", "tiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,7 +64,7 @@ class EngineConfig:
     bitstack_blocks: int | None = None  # BitStack checkpoints: blocks of the stack to load (None: all)
     attention: str = "sdpa"  # a name registered in qserve.attention
     compile: str = "off"  # torch.compile the decode step: auto (when it applies), on (or fail), off
-    dense_layout: str = "auto"  # unquantized weights: packed (oneDNN), plain, or auto (TorchEngine.plain_dense)
+    dense_layout: str = "auto"  # unquantized weights: packed (oneDNN), plain, tiled, or auto (TorchEngine.dense_layout)
 
 
 @dataclass
@@ -159,24 +159,27 @@ class TorchEngine(Engine):
             self._pack_for_eager()
 
     @property
-    def plain_dense(self) -> bool:
-        """Whether unquantized weights stay in their plain layout instead of oneDNN's packed one.
+    def dense_layout(self) -> str:
+        """How unquantized weights are laid out: packed (oneDNN), plain rows, or tiled (DenseLinear.tile).
 
-        auto: plain for a single-stream engine (max_num_seqs 1) whose decode step is compiled,
-        packed otherwise. Why: a compiled batch-1 step reads plain weights in-graph
-        (qserve.linear.gemv) faster than it calls the packed matmul (SmolLM2-135M bf16 decode,
-        bench/decode_ab.py: 93 -> 123 tok/s), while batched decode and prefill run the library
-        matmul, which is 1.5-2x faster on packed weights (same model, 4 and 8 streams: 315 -> 186,
-        524 -> 342 aggregate tok/s on plain ones). The bytes are the same either way."""
+        auto: tiled (plain in fp32) for a single-stream engine (max_num_seqs 1) whose decode step is
+        compiled, packed otherwise. Why: a compiled batch-1 step reads tiled weights in-graph
+        (qserve.linear.gemv_tiled) faster than plain rows (1.25-1.6x, paired in-process), which it
+        reads faster than it calls the packed matmul (SmolLM2-135M bf16 decode, bench/decode_ab.py:
+        93 -> 123 tok/s), while batched decode and prefill run the library matmul, which is 1.5-2x
+        faster on packed weights (same model, 4 and 8 streams: 315 -> 186, 524 -> 342 aggregate
+        tok/s on plain ones). The bytes are the same every way."""
         layout = self.cfg.dense_layout
         if layout not in DENSE_LAYOUTS:
             raise ConfigError(f"dense layout must be one of {DENSE_LAYOUTS}, got {layout!r}")
         if layout != "auto":
-            return layout == "plain"
-        return self.cfg.max_num_seqs == 1 and will_try_compile(self.cfg.compile)
+            return layout
+        if self.cfg.max_num_seqs == 1 and will_try_compile(self.cfg.compile):
+            return "tiled" if self.dtype == torch.bfloat16 else "plain"  # DenseLinear.tile: bf16 only
+        return "packed"
 
     def _pack_for_eager(self) -> None:
-        """The eager step runs the library matmul at every batch size: auto's plain layout was only
+        """The eager step runs the library matmul at every batch size: auto's tiled layout was only
         for the compiled step."""
         assert self.model is not None
         if self.cfg.dense_layout == "auto" and self.model.pack_dense_linears():
@@ -193,8 +196,10 @@ class TorchEngine(Engine):
         else:
             self.stack = None
             model = load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
-        if not self.plain_dense:
+        if self.dense_layout == "packed":
             model.pack_dense_linears()
+        elif self.dense_layout == "tiled":
+            model.tile_dense_linears()
         return model
 
     def resident_weight_bytes(self) -> int:

@@ -255,6 +255,16 @@ class CausalLM(nn.Module):
             release_free_memory()  # the plain copy, so packing does not raise the process's peak
         return len(linears)
 
+    def tile_dense_linears(self) -> int:
+        """Lay every unquantized linear's weight out in tiles for the compiled batch-1 step
+        (DenseLinear.tile). Returns how many were tiled now."""
+        tiled = 0
+        for m in self.modules():
+            if isinstance(m, DenseLinear) and m.tile():
+                tiled += 1
+                release_free_memory()  # the plain copy, so tiling does not raise the process's peak
+        return tiled
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, cache: KVCache, all_logits: bool = False,
                 logit_index: int = -1) -> torch.Tensor:

@@ -197,28 +197,62 @@ def _decode_vs_eager(model, slots: list[int], prompts: dict[int, list[int]], cac
     return model.decode(ids, batch, caches[1]), model(ids, batch, caches[0])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plain_dense_layout_reads_weights_in_graph(tiny_tied_dir: Path, dtype: torch.dtype,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unpacked weights (the single-stream layout): the batch-1 graph computes every linear and the
-    head as linear.gemv inside the graph, the batch graph calls the library matmul; both equal the
-    eager step to the dtype's precision."""
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "plain"), (torch.bfloat16, "plain"),
+                                          (torch.bfloat16, "tiled")])
+def test_unpacked_dense_layouts_read_weights_in_graph(tiny_tied_dir: Path, dtype: torch.dtype, layout: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacked weights (the single-stream layouts): the batch-1 graph computes every linear and the
+    head inside the graph (linear.gemv on plain rows, linear.gemv_tiled on tiles), the batch graph
+    calls the library matmul; both equal the eager step to the dtype's precision."""
     import qserve.linear as ql
 
+    fn = "gemv" if layout == "plain" else "gemv_tiled"
     traced = []
-    real = ql.gemv
-    monkeypatch.setattr(ql, "gemv", lambda *a: traced.append(a[1].shape) or real(*a))
+    real = getattr(ql, fn)
+    monkeypatch.setattr(ql, fn, lambda *a: traced.append(a[1].shape) or real(*a))
     model = load_model(tiny_tied_dir, dtype, 64)
     cfg = model.cfg
+    if layout == "tiled":
+        assert model.tile_dense_linears() == 4 * cfg.num_layers + 1
     assert setup_compiled_decode("on", model, KVCache(cfg.num_layers, 4, 64, cfg.num_kv_heads, cfg.head_dim, dtype),
                                  4, 64).startswith("on")
     # traced once, in the batch-1 graph: each layer's 4 linears and the head
-    assert len(traced) == 4 * cfg.num_layers + 1 and traced[-1] == (cfg.vocab_size, cfg.hidden_size)
+    head_shape = (cfg.vocab_size, cfg.hidden_size) if layout == "plain" else (cfg.vocab_size // ql.TILE, cfg.hidden_size, ql.TILE)
+    assert len(traced) == 4 * cfg.num_layers + 1 and traced[-1] == head_shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     prompts = {0: list(range(5, 25)), 2: list(range(40, 47)), 3: list(range(60, 90))}
     for slots in ([2], [3, 0, 2]):
         got, want = _decode_vs_eager(model, slots, prompts)
         torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
+
+
+def test_tiled_weights_compute_what_plain_ones_do() -> None:
+    """DenseLinear.tile keeps the same bytes in another order: untile gives the weight back bit for
+    bit; eager calls (a few rows as a batched matmul over the tiles, many rows on the weight copied
+    back) and the compiled one-row gemv_tiled equal the plain linear to bf16 precision; packing a
+    tiled weight packs the plain one. Only bf16 weights with N a multiple of TILE are tiled."""
+    import qserve.linear as ql
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    plain, tiled = DenseLinear(w, b, torch.bfloat16), DenseLinear(w, b, torch.bfloat16)
+    assert tiled.tile() and not tiled.tile()  # a tiled weight is left as it is
+    assert tiled.weight.shape == (96 // ql.TILE, 64, ql.TILE) and tiled.weight_bytes() == plain.weight_bytes()
+    assert torch.equal(ql.untile(tiled.weight), plain.weight)
+    for rows in (1, 5, ql.TILED_BMM_ROWS + 36):
+        x = torch.randn(rows, 1, 64, generator=g).to(torch.bfloat16)
+        want = plain(x).float()
+        torch.testing.assert_close(tiled(x).float(), want, rtol=0, atol=1e-2 * want.abs().max().item())
+    x = torch.randn(1, 1, 64, generator=g).to(torch.bfloat16)
+    want = plain(x).float()
+    got = torch.compile(tiled)(x).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
+    if can_pack(torch.bfloat16):
+        tiled.pack()
+        assert tiled.packed and not tiled.tiled
+        torch.testing.assert_close(tiled(x).float(), want, rtol=0, atol=1e-2 * want.abs().max().item())
+    assert not DenseLinear(torch.randn(40, 64), None, torch.bfloat16).tile()  # N not a multiple of TILE
+    assert not DenseLinear(w, b, torch.float32).tile()
 
 
 def test_models_compiled_in_one_process_keep_their_own_graphs(tiny_dir: Path, tiny_rtn4_dir: Path) -> None:
@@ -239,25 +273,31 @@ def test_models_compiled_in_one_process_keep_their_own_graphs(tiny_dir: Path, ti
 
 @pytest.mark.skipif(not can_pack(torch.float32), reason="oneDNN is not built in")
 def test_dense_layout_policy(tiny_dir: Path) -> None:
-    """auto keeps unquantized weights plain only for a single-stream engine whose step compiles
-    (and packs them if the step turns out not to compile); packed/plain force it. The
-    single-stream plain engine's greedy tokens equal an eager, packed engine's."""
-    def packed(eng: TorchEngine) -> bool:
-        return all(m.packed for m in eng.model.modules() if isinstance(m, DenseLinear))
+    """auto lays unquantized weights out for the compiled batch-1 step (tiled in bf16, plain in
+    fp32) only for a single-stream engine whose step compiles, and packs them otherwise (also when
+    the step turns out not to compile); packed/plain/tiled force it. The single-stream fp32 plain
+    engine's greedy tokens equal an eager, packed engine's."""
+    def layout(eng: TorchEngine) -> str:
+        (got,) = {"packed" if m.packed else "tiled" if m.tiled else "plain"
+                  for m in eng.model.modules() if isinstance(m, DenseLinear)}
+        return got
 
-    cases = [({"max_num_seqs": 1, "compile": "on"}, False),
-             ({"max_num_seqs": 2, "compile": "on"}, True),
-             ({"max_num_seqs": 1, "compile": "off"}, True),
-             ({"max_num_seqs": 1, "compile": "auto", "kv_format": "int8"}, True),  # the step does not compile
-             ({"max_num_seqs": 1, "compile": "on", "dense_layout": "packed"}, True),
-             ({"max_num_seqs": 2, "compile": "on", "dense_layout": "plain"}, False)]
+    cases = [({"max_num_seqs": 1, "compile": "on"}, "plain"),
+             ({"max_num_seqs": 2, "compile": "on"}, "packed"),
+             ({"max_num_seqs": 1, "compile": "off"}, "packed"),
+             ({"max_num_seqs": 1, "compile": "auto", "kv_format": "int8"}, "packed"),  # the step does not compile
+             ({"max_num_seqs": 1, "compile": "on", "dense_layout": "packed"}, "packed"),
+             ({"max_num_seqs": 2, "compile": "on", "dense_layout": "plain"}, "plain"),
+             ({"max_num_seqs": 1, "compile": "on", "dtype": "bfloat16"}, "tiled"),
+             ({"max_num_seqs": 1, "compile": "auto", "kv_format": "int8", "dtype": "bfloat16"}, "packed"),
+             ({"max_num_seqs": 2, "compile": "on", "dtype": "bfloat16", "dense_layout": "tiled"}, "tiled")]
     ids = [3, 17, 42, 8, 99]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outs = []
     for cfg, want in cases:
-        eng = make_engine(tiny_dir, dtype="float32", **cfg)
+        eng = make_engine(tiny_dir, **{"dtype": "float32", **cfg})
         try:
-            assert packed(eng) is want, cfg
+            assert layout(eng) == want, cfg
             if cfg in (cases[0][0], cases[2][0]):
                 outs.append(tokens(run_many(eng, [ids], params)[0]))
         finally:

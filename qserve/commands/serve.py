@@ -43,10 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the decode step before serving (~6 s at start, ~20-35 s with a cold "
                         "cache; ~1.4x faster batch-1 decode of int4 SmolLM2): auto = when the model and KV "
                         "format allow it and a C++ compiler is installed; on = or fail")
-    p.add_argument("--dense-layout", choices=["auto", "packed", "plain"], default=_env("DENSE_LAYOUT", "auto"),
+    p.add_argument("--dense-layout", choices=["auto", "packed", "plain", "tiled"], default=_env("DENSE_LAYOUT", "auto"),
                    help="unquantized (fp32/bf16) weights: packed = oneDNN's layout, fastest for batched "
-                        "decode and prefill; plain = read in the compiled batch-1 step, fastest for one "
-                        "stream; auto = plain when --max-num-seqs is 1 and the decode step compiles")
+                        "decode and prefill; tiled = 32 output rows per block, read in the compiled batch-1 "
+                        "step, fastest for one stream; plain = as stored; auto = tiled when --max-num-seqs "
+                        "is 1 and the decode step compiles, packed otherwise")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--head", choices=["auto", "int8", "model"], default=_env("HEAD", "auto"),
                    help="output head precision: auto = int8 for quantized checkpoints, as stored otherwise")
