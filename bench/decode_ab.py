@@ -10,12 +10,13 @@ seconds; the table reports per-engine medians and the median of the per-round ra
                               [--out bench/results/decode_ab.md]
 
 Engines: ours (int4 g32 and bf16, decode step compiled and eager; every engine here is single-stream,
-max_num_seqs 1, so compiled bf16 keeps its weights plain, and "ours bf16 packed" is the same engine
-with the packed layout a multi-stream server uses), `transformers.generate` bf16, and llama.cpp on
-the model's Q4_1 GGUF when `llama-cpp-python` is installed. One more row is a bound, not an
-engine: "bf16 weight stream" runs only the bf16 model's matmuls, each linear and the head once per
-token with nothing between them, both as oneDNN-packed matmul calls and as one compiled graph of
-in-graph GEMVs on plain weights, and reports the faster. A bf16 decode must read every weight once
+max_num_seqs 1, so compiled bf16 lays its weights out in tiles; "ours bf16 plain" is the same engine
+on plain rows, and "ours bf16 packed" with the packed layout a multi-stream server uses),
+`transformers.generate` bf16, and llama.cpp on the model's Q4_1 GGUF when `llama-cpp-python` is
+installed. One more row is a bound, not an engine: "bf16 weight stream" runs only the bf16 model's
+matmuls, each linear and the head once per token with nothing between them, as oneDNN-packed
+matmul calls and as one compiled graph of in-graph GEMVs on plain and on tiled weights, and reports
+the fastest. A bf16 decode must read every weight once
 per token, so no bf16 engine here decodes much faster than that row (in the same round), and its
 ratio to transformers is about the largest bf16 speed-up there is to have.
 """
@@ -58,22 +59,26 @@ def child(spec: str, tokens: int, threads: int, prompt: int) -> None:
 
 def weight_stream(path: str, threads: int, tokens: int):
     """A callable timing `tokens` passes over the model's weights: every linear and the head once per
-    pass at batch 1, as a decode step reads them, and nothing else. Both ways our engine reads them
-    (packed matmul calls; in-graph GEMVs on plain weights, one graph); it returns the faster."""
+    pass at batch 1, as a decode step reads them, and nothing else. Every way our engine reads them
+    (packed matmul calls; in-graph GEMVs on plain or tiled weights, one graph); it returns the fastest."""
     import time
 
     import torch
 
-    from qserve.linear import DenseLinear, gemv
+    from qserve.linear import DenseLinear, gemv, gemv_tiled
     from qserve.model import load_model
 
     torch.set_num_threads(threads)
-    plain, packed = (load_model(Path(path), torch.bfloat16, 64) for _ in range(2))
+    plain, packed, tiled = (load_model(Path(path), torch.bfloat16, 64) for _ in range(3))
     if packed.pack_dense_linears() == 0:
         raise SystemExit("the weight-stream bound needs oneDNN bf16 packing on this CPU")
-    plain_ls, packed_ls = ([m for m in model.modules() if isinstance(m, DenseLinear)] for model in (plain, packed))
+    tiled.tile_dense_linears()
+    plain_ls, packed_ls, tiled_ls = ([m for m in model.modules() if isinstance(m, DenseLinear)]
+                                     for model in (plain, packed, tiled))
     inputs = [torch.randn(1, 1, m.in_features, dtype=torch.bfloat16) for m in plain_ls]
     graph = torch.compile(lambda xs: [gemv(x, m.weight, m.bias) for m, x in zip(plain_ls, xs)])
+    tiled_graph = torch.compile(lambda xs: [(gemv_tiled if m.tiled else gemv)(x, m.weight, m.bias)
+                                            for m, x in zip(tiled_ls, xs)])
 
     def packed_pass() -> None:
         for m, x in zip(packed_ls, inputs):
@@ -82,7 +87,7 @@ def weight_stream(path: str, threads: int, tokens: int):
     def run() -> float:
         best = 0.0
         with torch.inference_mode():
-            for one_pass in (packed_pass, lambda: graph(inputs)):
+            for one_pass in (packed_pass, lambda: graph(inputs), lambda: tiled_graph(inputs)):
                 t0 = time.perf_counter()
                 for _ in range(tokens):
                     one_pass()
@@ -116,6 +121,7 @@ def main() -> int:
     engines = {"ours int4-g32": f"qserve::{int4}::bfloat16::auto",
                "ours int4-g32 eager": f"qserve::{int4}::bfloat16::off",
                "ours bf16": f"qserve::{src}::bfloat16::auto",
+               "ours bf16 plain": f"qserve::{src}::bfloat16::auto::plain",
                "ours bf16 packed": f"qserve::{src}::bfloat16::auto::packed",
                "ours bf16 eager": f"qserve::{src}::bfloat16::off",
                "transformers bf16": f"hf::{src}::bfloat16::-",
@@ -153,6 +159,7 @@ def main() -> int:
     lines += ["", "per-round ratios:"]
     pairs = [("ours int4-g32", "llama.cpp Q4_1"), ("ours int4-g32", "ours int4-g32 eager"),
              ("ours bf16", "transformers bf16"), ("ours bf16 eager", "transformers bf16"),
+             ("ours bf16", "ours bf16 plain"), ("ours bf16 plain", "transformers bf16"),
              ("ours bf16", "ours bf16 packed"), ("ours bf16 packed", "transformers bf16"),
              ("ours bf16", "ours bf16 eager"), ("ours bf16", "bf16 weight stream"),
              ("bf16 weight stream", "transformers bf16")]
