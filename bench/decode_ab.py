@@ -72,7 +72,7 @@ def weight_stream(path: str, threads: int, tokens: int):
     plain, packed, tiled = (load_model(Path(path), torch.bfloat16, 64) for _ in range(3))
     if packed.pack_dense_linears() == 0:
         raise SystemExit("the weight-stream bound needs oneDNN bf16 packing on this CPU")
-    tiled.tile_dense_linears()
+    tiled.tile_linears()
     plain_ls, packed_ls, tiled_ls = ([m for m in model.modules() if isinstance(m, DenseLinear)]
                                      for model in (plain, packed, tiled))
     inputs = [torch.randn(1, 1, m.in_features, dtype=torch.bfloat16) for m in plain_ls]

@@ -160,7 +160,8 @@ class TorchEngine(Engine):
 
     @property
     def dense_layout(self) -> str:
-        """How unquantized weights are laid out: packed (oneDNN), plain rows, or tiled (DenseLinear.tile).
+        """How unquantized weights are laid out: packed (oneDNN), plain rows, or tiled (DenseLinear.tile;
+        tiled also lays an int8 head out for the compiled step, WeightOnlyLinear.tile).
 
         auto: tiled (plain in fp32) for a single-stream engine (max_num_seqs 1) whose decode step is
         compiled, packed otherwise. Why: a compiled batch-1 step reads tiled weights in-graph
@@ -179,9 +180,10 @@ class TorchEngine(Engine):
         return "packed"
 
     def _pack_for_eager(self) -> None:
-        """The eager step runs the library matmul at every batch size: auto's tiled layout was only
-        for the compiled step."""
+        """The eager step runs the library matmuls at every batch size: tiles were only for the
+        compiled step, and auto's plain layout too."""
         assert self.model is not None
+        self.model.untile_linears()
         if self.cfg.dense_layout == "auto" and self.model.pack_dense_linears():
             log.info("decode runs eager: unquantized weights packed for the library matmul")
 
@@ -199,7 +201,7 @@ class TorchEngine(Engine):
         if self.dense_layout == "packed":
             model.pack_dense_linears()
         elif self.dense_layout == "tiled":
-            model.tile_dense_linears()
+            model.tile_linears()
         return model
 
     def resident_weight_bytes(self) -> int:

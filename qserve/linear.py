@@ -133,8 +133,10 @@ TILE = 32  # output rows per tile of DenseLinear.tile's layout: one 32-lane fp32
 TILED_BMM_ROWS = 32  # up to this many input rows, tiled_linear multiplies the tiles as they lie
 
 
-def gemv_tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W^T for one row of x, W tiled as [N/TILE, K, TILE] (DenseLinear.tile), summed over K.
+def gemv_tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T for one row of x, W tiled as [N/TILE, K, TILE] (tile_rows), summed over K; int8 codes
+    with a `scale` per output row are dequantized in the same loop (WeightOnlyLinear.tile).
 
     Why: inductor turns this into a loop that streams each tile's K x TILE block front to back into
     TILE fp32 accumulators: no horizontal sum per output row, and the input is realized once and
@@ -144,9 +146,17 @@ def gemv_tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     n_tiles, k, tile = weight.shape
     x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
     out = (x.float().reshape(k, 1) * weight.float()).sum(-2).reshape(*x.shape[:-1], n_tiles * tile)
+    if scale is not None:
+        out = out * scale.float()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def tile_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A [N, K] weight as [N/TILE, K, TILE]: TILE output rows at a time, each block column-major
+    (a copy, same bytes). N must be a multiple of TILE."""
+    return weight.view(-1, TILE, weight.shape[1]).transpose(1, 2).contiguous()
 
 
 def untile(weight: torch.Tensor) -> torch.Tensor:
@@ -201,21 +211,26 @@ class DenseLinear(nn.Module):
         multiple of TILE, the weight is not bf16, or it is packed."""
         if self.packed or self.tiled or self.out_features % TILE or self.weight.dtype != torch.bfloat16:
             return False
-        w = self.weight.data
-        self.weight = nn.Parameter(w.view(-1, TILE, self.in_features).transpose(1, 2).contiguous(), requires_grad=False)
+        self.weight = nn.Parameter(tile_rows(self.weight.data), requires_grad=False)
         self.tiled = True
         return True
+
+    def untile(self) -> None:
+        """Back to plain rows (the eager step's layout when the compiled one is not used)."""
+        if self.tiled:
+            self.weight = nn.Parameter(untile(self.weight.data), requires_grad=False)
+            self.tiled = False
 
     def pack(self) -> None:
         """Hold the weight in oneDNN's blocked layout instead (same bytes). Why: a batch-1 matmul
         streams it 1.5-2.3x faster than the plain layout (SmolLM2-135M's bf16 layers on this CPU,
         two runs: 19.5 -> 29.5 and 17.5 -> 39.9 GB/s), and small-batch decode is that stream. For serving only: the weight
         is then an opaque tensor that calibration code cannot read or modify."""
-        plain = untile(self.weight.data) if self.tiled else self.weight.data
-        packed = torch.ops.mkldnn._reorder_linear_weight(plain, 1)  # laid out for batch 1
-        del self.weight, plain
+        self.untile()
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 1)  # laid out for batch 1
+        del self.weight
         self.register_buffer("weight", packed)
-        self.packed, self.tiled = True, False  # plain flags: under torch.compile is_mkldnn reads False
+        self.packed = True  # a plain flag: under torch.compile the weight's is_mkldnn reads False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:

@@ -255,15 +255,21 @@ class CausalLM(nn.Module):
             release_free_memory()  # the plain copy, so packing does not raise the process's peak
         return len(linears)
 
-    def tile_dense_linears(self) -> int:
-        """Lay every unquantized linear's weight out in tiles for the compiled batch-1 step
-        (DenseLinear.tile). Returns how many were tiled now."""
+    def tile_linears(self) -> int:
+        """Lay the weights of unquantized linears and int8 heads out in tiles for the compiled
+        batch-1 step (DenseLinear.tile, WeightOnlyLinear.tile). Returns how many were tiled now."""
         tiled = 0
         for m in self.modules():
-            if isinstance(m, DenseLinear) and m.tile():
+            if m is not self and callable(getattr(m, "tile", None)) and m.tile():
                 tiled += 1
-                release_free_memory()  # the plain copy, so tiling does not raise the process's peak
+                release_free_memory()  # the untiled copy, so tiling does not raise the process's peak
         return tiled
+
+    def untile_linears(self) -> None:
+        """Undo tile_linears (for the eager step, which reads the library kernels' layouts)."""
+        for m in self.modules():
+            if getattr(m, "tiled", False):
+                m.untile()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, cache: KVCache, all_logits: bool = False,

@@ -213,7 +213,7 @@ def test_unpacked_dense_layouts_read_weights_in_graph(tiny_tied_dir: Path, dtype
     model = load_model(tiny_tied_dir, dtype, 64)
     cfg = model.cfg
     if layout == "tiled":
-        assert model.tile_dense_linears() == 4 * cfg.num_layers + 1
+        assert model.tile_linears() == 4 * cfg.num_layers + 1
     assert setup_compiled_decode("on", model, KVCache(cfg.num_layers, 4, 64, cfg.num_kv_heads, cfg.head_dim, dtype),
                                  4, 64).startswith("on")
     # traced once, in the batch-1 graph: each layer's 4 linears and the head
@@ -255,6 +255,29 @@ def test_tiled_weights_compute_what_plain_ones_do() -> None:
     assert not DenseLinear(w, b, torch.float32).tile()
 
 
+def test_tiled_int8_head_computes_what_the_int8_kernel_does() -> None:
+    """An int8 WeightOnlyLinear (the int8 head) tiled: the compiled one-row GEMV dequantizes in its
+    loop and equals `_weight_int8pack_mm`'s result to bf16 precision, eager calls run the kernel on
+    the codes untiled, and untile gives the codes back bit for bit. int4 is never tiled."""
+    from qserve.woq import WeightOnlyLinear, quantize_rows_int8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g)
+    stored = quantize_rows_int8(lambda i, j: w[i:j], tuple(w.shape))
+    kernel, tiled = (WeightOnlyLinear(stored, 64, 96, 8, -1) for _ in range(2))
+    assert tiled.tile() and not tiled.tile() and tiled.weight_packed.shape == (3, 64, 32)
+    x = torch.randn(1, 1, 64, generator=g).to(torch.bfloat16)
+    want = kernel(x).float()
+    tol = 1e-2 * want.abs().max().item()
+    torch.testing.assert_close(torch.compile(tiled)(x).float(), want, rtol=0, atol=tol)
+    torch.testing.assert_close(tiled(x).float(), want, rtol=0, atol=0)  # eager: the same kernel
+    tiled.untile()
+    assert not tiled.tiled and torch.equal(tiled.weight_packed, kernel.weight_packed)
+    rtn4 = {"qweight": torch.zeros(96, 8, dtype=torch.int32), "scales": torch.ones(96, 2, dtype=torch.float16),
+            "qzeros": torch.full((96, 2), 8, dtype=torch.uint8)}
+    assert not WeightOnlyLinear(rtn4, 64, 96, 4, 32).tile()
+
+
 def test_models_compiled_in_one_process_keep_their_own_graphs(tiny_dir: Path, tiny_rtn4_dir: Path) -> None:
     """Two models of different structure compiled in one process, no reset between: dynamo caches
     graphs per code object, and the step skips module guards, so a shared cache would run the
@@ -272,7 +295,7 @@ def test_models_compiled_in_one_process_keep_their_own_graphs(tiny_dir: Path, ti
 
 
 @pytest.mark.skipif(not can_pack(torch.float32), reason="oneDNN is not built in")
-def test_dense_layout_policy(tiny_dir: Path) -> None:
+def test_dense_layout_policy(tiny_dir: Path, tiny_rtn4_dir: Path) -> None:
     """auto lays unquantized weights out for the compiled batch-1 step (tiled in bf16, plain in
     fp32) only for a single-stream engine whose step compiles, and packs them otherwise (also when
     the step turns out not to compile); packed/plain/tiled force it. The single-stream fp32 plain
@@ -291,6 +314,12 @@ def test_dense_layout_policy(tiny_dir: Path) -> None:
              ({"max_num_seqs": 1, "compile": "on", "dtype": "bfloat16"}, "tiled"),
              ({"max_num_seqs": 1, "compile": "auto", "kv_format": "int8", "dtype": "bfloat16"}, "packed"),
              ({"max_num_seqs": 2, "compile": "on", "dtype": "bfloat16", "dense_layout": "tiled"}, "tiled")]
+    for compile_mode, head_tiled in (("on", True), ("off", False)):  # a quantized model's int8 head
+        eng = make_engine(tiny_rtn4_dir, dtype="bfloat16", max_num_seqs=1, compile=compile_mode)
+        try:
+            assert eng.model.lm_head.tiled is head_tiled
+        finally:
+            eng.shutdown()
     ids = [3, 17, 42, 8, 99]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outs = []
