@@ -4,14 +4,15 @@ llama.cpp on the model's GGUF in the same run when `llama-cpp-python` is install
 
     python bench/speed.py [MODEL_DIR] [--tiny] [--batches 1 4 8 16] [--prefill 128 512 2048]
                           [--tokens 64] [--repeats 3] [--compile auto] [--eager-too bf16 int4-g32]
-                          [--single-stream fp32 bf16] [--out bench/results/speed.md]
+                          [--single-stream fp32 bf16 int4-g32] [--out bench/results/speed.md]
 
 MODEL_DIR defaults to SmolLM2-135M (`qserve pull smollm2-135m`). Variants run as `qserve serve`
 runs them (decode step compiled when it applies, --compile auto); the --eager-too variants are
 measured again with it off, to show what compiling buys. Each variant's engine takes as many
 streams as the largest batch, so unquantized weights are oneDNN-packed (--dense-layout auto); the
---single-stream variants are measured again at batch 1 on a one-stream engine, which keeps them
-plain for the compiled batch-1 step, as `qserve serve --max-num-seqs 1` does. Each variant runs in its own
+--single-stream variants are measured again at batch 1 on a one-stream engine, which lays bf16
+weights and int8 heads out in tiles for the compiled batch-1 step (fp32 stays plain), as
+`qserve serve --max-num-seqs 1` does. Each variant runs in its own
 process (so its peak RSS is its own). Decode figures are medians of --repeats runs after a
 warm-up; prefill goes through the engine's chunked prefill (--prefill-chunk, default 512), as a
 served request would. Shared machines are noisy: compare rows of one run, and the ratios.
@@ -206,7 +207,7 @@ def main() -> int:
                     help="the engine's decode-step compilation for the variants (as `qserve serve --compile`)")
     ap.add_argument("--eager-too", nargs="*", default=["bf16", "int4-g32"],
                     help="variants also measured with --compile off, as '<variant> eager' rows")
-    ap.add_argument("--single-stream", nargs="*", default=["fp32", "bf16"],
+    ap.add_argument("--single-stream", nargs="*", default=["fp32", "bf16", "int4-g32"],
                     help="variants also measured at batch 1 on a one-stream engine, as '<variant> single-stream' rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "speed.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -278,9 +279,9 @@ def main() -> int:
                                         *dec, *pre, f"{r['peak_rss'] / 2**20:.0f}"]) + " |")
     b1 = {v: r["decode"][1] for v, r in rows.items() if 1 in r["decode"]}
     ref = b1.get("llama.cpp Q4_1")
-    if ref and any(v in b1 for v in args.variants):
-        lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(
-            f"{v} {b1[v] / ref:.2f}x" for v in args.variants if v in b1)]
+    ours = [v for v in args.variants + [f"{v} single-stream" for v in args.single_stream] if v in b1]
+    if ref and ours:
+        lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(f"{v} {b1[v] / ref:.2f}x" for v in ours)]
     for ours, hf in (("fp32", "transformers float32"), ("bf16", "transformers bfloat16"),
                      ("fp32 single-stream", "transformers float32"), ("bf16 single-stream", "transformers bfloat16")):
         if ours in b1 and hf in b1:
