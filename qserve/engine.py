@@ -161,7 +161,7 @@ class TorchEngine(Engine):
     @property
     def dense_layout(self) -> str:
         """How unquantized weights are laid out: packed (oneDNN), plain rows, or tiled (DenseLinear.tile;
-        tiled also lays an int8 head out for the compiled step, WeightOnlyLinear.tile).
+        tiled also lays int8 linears and heads out for the compiled step, WeightOnlyLinear.tile).
 
         auto: tiled (plain in fp32) for a single-stream engine (max_num_seqs 1) whose decode step is
         compiled, packed otherwise. Why: a compiled batch-1 step reads tiled weights in-graph

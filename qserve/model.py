@@ -256,7 +256,7 @@ class CausalLM(nn.Module):
         return len(linears)
 
     def tile_linears(self) -> int:
-        """Lay the weights of unquantized linears and int8 heads out in tiles for the compiled
+        """Lay the weights of bf16 and int8 linears (and heads) out in tiles for the compiled
         batch-1 step (DenseLinear.tile, WeightOnlyLinear.tile). Returns how many were tiled now."""
         tiled = 0
         for m in self.modules():

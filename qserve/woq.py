@@ -147,10 +147,12 @@ class WeightOnlyLinear(QuantLinear):
         self.tiled = False
 
     def tile(self) -> bool:
-        """int8: hold the codes tiled (qserve.linear.tile_rows) for the compiled batch-1 step, which
-        then dequantizes them inside its own GEMV (gemv_tiled) instead of calling
-        `_weight_int8pack_mm`. Why: SmolLM2-135M's int8 head (49152 x 576), 2 threads, paired: 1.03
-        vs 1.88 ms a call (28 vs 15 GB/s). False (left as it is) for int4, or N not a multiple of TILE."""
+        """int8 (an int8 head, RTN w8 layers): hold the codes tiled (qserve.linear.tile_rows) for the
+        compiled batch-1 step, which then dequantizes them inside its own GEMV (gemv_tiled) instead
+        of calling `_weight_int8pack_mm`. Why: SmolLM2-135M's int8 head (49152 x 576), 2 threads,
+        paired: 1.03 vs 1.88 ms a call (28 vs 15 GB/s); engine A/Bs, batch-1 decode, tiled / not:
+        int4 g32 (its int8 head) 1.11x, RTN w8 1.45x. False (left as it is) for int4, or N not a
+        multiple of TILE."""
         if self.tiled or self.weight_packed.dtype != torch.int8 or self.out_features % TILE:
             return False
         self.weight_packed = tile_rows(self.weight_packed)
