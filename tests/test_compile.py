@@ -198,21 +198,27 @@ def _decode_vs_eager(model, slots: list[int], prompts: dict[int, list[int]], cac
 
 
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "plain"), (torch.bfloat16, "plain"),
-                                          (torch.bfloat16, "tiled")])
+                                          (torch.bfloat16, "tiled"), (torch.bfloat16, "tiled-w8")])
 def test_unpacked_dense_layouts_read_weights_in_graph(tiny_tied_dir: Path, dtype: torch.dtype, layout: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """Unpacked weights (the single-stream layouts): the batch-1 graph computes every linear and the
-    head inside the graph (linear.gemv on plain rows, linear.gemv_tiled on tiles), the batch graph
-    calls the library matmul; both equal the eager step to the dtype's precision."""
+    head inside the graph (linear.gemv on plain rows, linear.gemv_tiled on tiles: bf16, or int8
+    codes of an RTN w8 model and its int8 head), the batch graph calls the library matmul; both
+    equal the eager step to the dtype's precision."""
     import qserve.linear as ql
+    import qserve.woq as woq
 
     fn = "gemv" if layout == "plain" else "gemv_tiled"
     traced = []
     real = getattr(ql, fn)
     monkeypatch.setattr(ql, fn, lambda *a: traced.append(a[1].shape) or real(*a))
-    model = load_model(tiny_tied_dir, dtype, 64)
+    monkeypatch.setattr(woq, "gemv_tiled", ql.gemv_tiled)  # woq imported it by name
+    if layout == "tiled-w8":
+        model = load_model(request.getfixturevalue("tiny_rtn8_dir"), dtype, 64, int8_head=True)
+    else:
+        model = load_model(tiny_tied_dir, dtype, 64)
     cfg = model.cfg
-    if layout == "tiled":
+    if layout != "plain":
         assert model.tile_linears() == 4 * cfg.num_layers + 1
     assert setup_compiled_decode("on", model, KVCache(cfg.num_layers, 4, 64, cfg.num_kv_heads, cfg.head_dim, dtype),
                                  4, 64).startswith("on")
