@@ -65,7 +65,7 @@ def weight_stream(path: str, threads: int, tokens: int):
 
     import torch
 
-    from qserve.linear import DenseLinear, gemv, gemv_tiled
+    from qserve.linear import DenseLinear, gemv
     from qserve.model import load_model
 
     torch.set_num_threads(threads)
@@ -77,8 +77,7 @@ def weight_stream(path: str, threads: int, tokens: int):
                                      for model in (plain, packed, tiled))
     inputs = [torch.randn(1, 1, m.in_features, dtype=torch.bfloat16) for m in plain_ls]
     graph = torch.compile(lambda xs: [gemv(x, m.weight, m.bias) for m, x in zip(plain_ls, xs)])
-    tiled_graph = torch.compile(lambda xs: [(gemv_tiled if m.tiled else gemv)(x, m.weight, m.bias)
-                                            for m, x in zip(tiled_ls, xs)])
+    tiled_graph = torch.compile(lambda xs: [m(x) for m, x in zip(tiled_ls, xs)])  # gemv_tiled on tiles
 
     def packed_pass() -> None:
         for m, x in zip(packed_ls, inputs):

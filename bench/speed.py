@@ -279,9 +279,9 @@ def main() -> int:
                                         *dec, *pre, f"{r['peak_rss'] / 2**20:.0f}"]) + " |")
     b1 = {v: r["decode"][1] for v, r in rows.items() if 1 in r["decode"]}
     ref = b1.get("llama.cpp Q4_1")
-    ours = [v for v in args.variants + [f"{v} single-stream" for v in args.single_stream] if v in b1]
-    if ref and ours:
-        lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(f"{v} {b1[v] / ref:.2f}x" for v in ours)]
+    ours_b1 = [v for v in args.variants + [f"{v} single-stream" for v in args.single_stream] if v in b1]
+    if ref and ours_b1:
+        lines += ["", "ratio ours / llama.cpp Q4_1, batch-1 decode: " + ", ".join(f"{v} {b1[v] / ref:.2f}x" for v in ours_b1)]
     for ours, hf in (("fp32", "transformers float32"), ("bf16", "transformers bfloat16"),
                      ("fp32 single-stream", "transformers float32"), ("bf16 single-stream", "transformers bfloat16")):
         if ours in b1 and hf in b1:

@@ -198,9 +198,10 @@ class TorchEngine(Engine):
         else:
             self.stack = None
             model = load_model(model_dir, self.dtype, self.max_model_len, int8_head=int8_head)
-        if self.dense_layout == "packed":
+        layout = self.dense_layout
+        if layout == "packed":
             model.pack_dense_linears()
-        elif self.dense_layout == "tiled":
+        elif layout == "tiled":
             model.tile_linears()
         return model
 

@@ -129,6 +129,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     return out.to(x.dtype)
 
 
+def in_graph_row(x: torch.Tensor) -> bool:
+    """x is one row inside a torch.compile trace: the compiled batch-1 step, which computes a
+    linear as an in-graph GEMV (gemv, gemv_tiled) instead of calling a library kernel."""
+    return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+
+
 TILE = 32  # output rows per tile of DenseLinear.tile's layout: one 32-lane fp32 accumulator in inductor's loop
 TILED_BMM_ROWS = 32  # up to this many input rows, tiled_linear multiplies the tiles as they lie
 
@@ -235,7 +241,7 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return packed_linear(x, self.weight, self.bias)
-        one_row = x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+        one_row = in_graph_row(x)
         if self.tiled:
             return gemv_tiled(x, self.weight, self.bias) if one_row else tiled_linear(x, self.weight, self.bias)
         if one_row:

@@ -22,7 +22,7 @@ from qserve.errors import ConfigError
 from qserve.groupquant import (
     dequantize_asym, dequantize_sym, num_groups, pack_int4, quantize_asym, quantize_sym, unpack_int4,
 )
-from qserve.linear import TILE, QuantLinear, gemv_tiled, tile_rows, untile
+from qserve.linear import TILE, QuantLinear, gemv_tiled, in_graph_row, tile_rows, untile
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -197,7 +197,7 @@ class WeightOnlyLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tiled:
             return woq_matmul(x, self.weight_packed, self.weight_scale, self.group_size, self.out_features, self.bias)
-        if x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+        if in_graph_row(x):
             return gemv_tiled(x.to(torch.bfloat16), self.weight_packed, self.bias, self.weight_scale).to(x.dtype)
         # outside the compiled step (a prefill's last row): the kernel's layout back, for this call
         return woq_matmul(x, untile(self.weight_packed), self.weight_scale, self.group_size, self.out_features, self.bias)
