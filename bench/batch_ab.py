@@ -25,9 +25,7 @@ linearly from 1 to 8 rows pins it near its own.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +38,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 8)
 
 
+def _engine(path: str, threads: int | None, tokens: int):
+    """A started 16-stream engine for 32-token prompts and `tokens` more, as `qserve serve` runs it."""
+    return speed.open_engine(path, "bfloat16", 16, 32 + tokens + 8, 512, threads, "auto")
+
+
 def engine_child(path: str, threads: int | None, tokens: int):
-    eng = speed.open_engine(path, "bfloat16", 16, 32 + tokens + 8, 512, threads, "auto")
+    eng = _engine(path, threads, tokens)
     for b in BATCHES:
         speed.engine_run(eng, b, 32, 8)
     return lambda b: speed.engine_run(eng, b, 32, tokens)[0]
@@ -53,7 +56,7 @@ def step_child(path: str, threads: int | None, tokens: int):
     from qserve.engine import KV_BUCKET
     from qserve.kvcache import Batch
 
-    eng = speed.open_engine(path, "bfloat16", 16, 32 + tokens + 8, 512, threads, "auto")
+    eng = _engine(path, threads, tokens)
     eng.shutdown()
     model, cache = eng.model, eng.cache
     ids = {b: torch.tensor([[100 + i] for i in range(b)]) for b in BATCHES}
@@ -75,9 +78,9 @@ def matmul_child(path: str, threads: int | None, tokens: int):
     oneDNN-packed, int8 head on quantized models), in this process's only thread."""
     import torch
 
+    from qserve.config import load_config
     from qserve.model import load_model
     from qserve.planner import int8_head_default
-    from qserve.config import load_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -104,9 +107,7 @@ def child(spec: str, threads: int | None, tokens: int) -> None:
     """Serve measurements on stdin/stdout: a batch size in, one tokens/s figure out."""
     kind, path = spec.split("::")
     measure = {"engine": engine_child, "step": step_child, "matmuls": matmul_child}[kind](path, threads, tokens)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        print(json.dumps(measure(int(line))), flush=True)
+    speed.serve_measurements(lambda line: measure(int(line)))
 
 
 def main() -> int:
@@ -123,45 +124,28 @@ def main() -> int:
         child(args.child, args.threads, args.tokens)
         return 0
 
-    from qserve.offline import quantizers
     from qserve.pull import pull
 
     src = Path(args.model) if args.model else pull("smollm2-135m")
-    tmp = Path(tempfile.mkdtemp())
-    dirs = {}
-    for v in args.variants:
-        if v == "bf16":
-            dirs[v] = src
-        else:
-            bits, gs = (8, -1) if v == "int8" else (4, int(v.removeprefix("int4-g")))
-            quantizers()["rtn"].run(src, tmp / v, argparse.Namespace(bits=bits, group_size=gs))
-            dirs[v] = tmp / v
+    made = speed.make_variants(src, args.variants, Path(tempfile.mkdtemp()))
+    dirs = {v: made[v][0] for v in args.variants}
     lines = [f"model: {src.name}; batch 1 and batch 8, {args.tokens} tokens per stream; {args.rounds} rounds "
              f"alternating the two batch sizes; tokens/s are aggregate", "",
              "| variant | measured | b1 tok/s | b8 tok/s | b8 / b1 per round: median (min, max) |", "|---|---|---|---|---|"]
     for v, d in dirs.items():
         for kind in ("engine", "step", "matmuls"):
-            p = subprocess.Popen([sys.executable, __file__, "--child", f"{kind}::{d}", "--tokens", str(args.tokens)]
-                                 + (["--threads", str(args.threads)] if args.threads else []),
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            if p.stdout.readline().strip() != "ready":
-                raise SystemExit(f"{v} {kind} failed to start")
+            p = speed.MeasureChild([sys.executable, __file__, "--child", f"{kind}::{d}", "--tokens", str(args.tokens)]
+                                   + (["--threads", str(args.threads)] if args.threads else []), f"{v} {kind}")
             rates: dict[int, list[float]] = {b: [] for b in BATCHES}
             for r in range(args.rounds):
                 for b in BATCHES if r % 2 == 0 else BATCHES[::-1]:
-                    p.stdin.write(f"{b}\n")
-                    p.stdin.flush()
-                    rates[b].append(json.loads(p.stdout.readline()))
-            p.stdin.close()
-            p.wait(timeout=60)
+                    rates[b].append(p.ask(str(b)))
+            p.close()
             ratios = sorted(x / y for x, y in zip(rates[8], rates[1]))
             lines.append(f"| {v} | {kind} | {statistics.median(rates[1]):.1f} | {statistics.median(rates[8]):.1f} | "
                          f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}, {ratios[-1]:.2f}) |")
             print(lines[-1], file=sys.stderr)
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    speed.write_result(lines, args.out)
     return 0
 
 

@@ -24,9 +24,7 @@ ratio to transformers is about the largest bf16 speed-up there is to have.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,9 +50,7 @@ def child(spec: str, tokens: int, threads: int, prompt: int) -> None:
         llm = speed.open_llama(Path(path), threads, prompt + tokens + 16)
         decode = lambda: speed.llama_decode(llm, tokens, prompt)  # noqa: E731
     decode()  # warm-up
-    print("ready", flush=True)
-    for _ in sys.stdin:
-        print(json.dumps(decode()), flush=True)
+    speed.serve_measurements(lambda _: decode())
 
 
 def weight_stream(path: str, threads: int, tokens: int):
@@ -111,12 +107,10 @@ def main() -> int:
         child(args.child, args.tokens, args.threads, args.prompt)
         return 0
 
-    from qserve.offline import quantizers
     from qserve.pull import alias_gguf, pull
 
     src = Path(args.model) if args.model else pull("smollm2-135m")
-    int4 = Path(tempfile.mkdtemp()) / "int4-g32"
-    quantizers()["rtn"].run(src, int4, argparse.Namespace(bits=4, group_size=32))
+    int4 = speed.make_variants(src, ["int4-g32"], Path(tempfile.mkdtemp()))["int4-g32"][0]
     engines = {"ours int4-g32": f"qserve::{int4}::bfloat16::auto",
                "ours int4-g32 eager": f"qserve::{int4}::bfloat16::off",
                "ours bf16": f"qserve::{src}::bfloat16::auto",
@@ -129,23 +123,16 @@ def main() -> int:
         engines["llama.cpp Q4_1"] = f"llama::{alias_gguf('smollm2-135m')}::-::-"
     procs = {}
     for name, spec in engines.items():  # started one at a time: loads and compiles do not overlap
-        p = subprocess.Popen([sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens),
-                              "--threads", str(args.threads), "--prompt", str(args.prompt)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if p.stdout.readline().strip() != "ready":
-            raise SystemExit(f"{name} failed to start")
-        procs[name] = p
+        procs[name] = speed.MeasureChild([sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens),
+                                          "--threads", str(args.threads), "--prompt", str(args.prompt)], name)
         print(f"started {name}", file=sys.stderr)
     names = list(procs)
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            procs[name].stdin.write("run\n")
-            procs[name].stdin.flush()
-            rates[name].append(json.loads(procs[name].stdout.readline()))
+            rates[name].append(procs[name].ask())
     for p in procs.values():
-        p.stdin.close()
-        p.wait(timeout=60)
+        p.close()
 
     def ratio(a: str, b: str) -> str:
         rs = sorted(x / y for x, y in zip(rates[a], rates[b]))
@@ -163,10 +150,7 @@ def main() -> int:
              ("ours bf16", "ours bf16 eager"), ("ours bf16", "bf16 weight stream"),
              ("bf16 weight stream", "transformers bf16")]
     lines += [f"- {ratio(a, b)}" for a, b in pairs if a in rates and b in rates]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    speed.write_result(lines, args.out)
     return 0
 
 

@@ -29,9 +29,59 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_variants(src: Path, variants: list[str], tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Model directory and serving dtype of each variant: fp32 and bf16 are `src` itself; int8 and
+    int4-gN are RTN-quantized from it into `tmp`."""
+    from qserve.offline import quantizers
+
+    dirs = {"fp32": (src, "float32"), "bf16": (src, "bfloat16")}
+    for v in variants:
+        if v == "int8" or v.startswith("int4-g"):
+            bits, gs = (8, -1) if v == "int8" else (4, int(v.removeprefix("int4-g")))
+            quantizers()["rtn"].run(src, tmp / v, argparse.Namespace(bits=bits, group_size=gs))
+            dirs[v] = (tmp / v, "bfloat16")
+    return dirs
+
+
+def serve_measurements(measure: Callable[[str], float]) -> None:
+    """Child side of a paired bench (decode_ab, batch_ab): says "ready", then answers each line read
+    from stdin with one JSON figure, measure(line)."""
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(measure(line.strip())), flush=True)
+
+
+class MeasureChild:
+    """Parent side: a process started with `cmd` that speaks serve_measurements' protocol, so that
+    several stay loaded and are measured in alternation."""
+
+    def __init__(self, cmd: list[str], name: str):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"{name} failed to start")
+
+    def ask(self, line: str = "run") -> float:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def write_result(lines: list[str], out: Path) -> None:
+    """Print a bench's result and write it to `out` (bench/results/)."""
+    text = "\n".join(lines)
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
 
 
 def prompt_ids(n: int, stream: int = 0) -> list[int]:
@@ -221,8 +271,6 @@ def main() -> int:
                                       args.prefill_chunk, args.threads, mode)))
         return 0
 
-    from qserve.offline import quantizers
-
     if args.tiny:
         from qserve.tiny import make_tiny_model
 
@@ -231,16 +279,7 @@ def main() -> int:
         from qserve.pull import pull
 
         src = Path(args.model) if args.model else pull("smollm2-135m")
-    tmp = Path(tempfile.mkdtemp())
-    rtn = quantizers()["rtn"]
-    dirs = {"fp32": (src, "float32"), "bf16": (src, "bfloat16")}
-    for v in args.variants:
-        if v == "int8":
-            rtn.run(src, tmp / v, argparse.Namespace(bits=8, group_size=-1))
-            dirs[v] = (tmp / v, "bfloat16")
-        elif v.startswith("int4-g"):
-            rtn.run(src, tmp / v, argparse.Namespace(bits=4, group_size=int(v[6:])))
-            dirs[v] = (tmp / v, "bfloat16")
+    dirs = make_variants(src, args.variants, Path(tempfile.mkdtemp()))
     runs = [(v, *dirs[v], "qserve", args.compile, args.batches) for v in args.variants]
     if args.compile != "off":
         runs += [(f"{v} eager", *dirs[v], "qserve", "off", args.batches) for v in args.eager_too if v in dirs]
@@ -293,10 +332,7 @@ def main() -> int:
     for v in args.variants:
         if v in b1 and 8 in rows[v]["decode"]:
             lines.append(f"batch-8 aggregate / batch-1 decode, {v}: {rows[v]['decode'][8] / b1[v]:.2f}x")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(lines, args.out)
     return 0
 
 
