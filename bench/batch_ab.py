@@ -53,7 +53,7 @@ def engine_child(path: str, threads: int | None, tokens: int):
 def step_child(path: str, threads: int | None, tokens: int):
     import torch
 
-    from qserve.engine import KV_BUCKET
+    from qserve.engine import COMPILED_KV_BUCKET
     from qserve.kvcache import Batch
 
     eng = _engine(path, threads, tokens)
@@ -62,7 +62,7 @@ def step_child(path: str, threads: int | None, tokens: int):
     ids = {b: torch.tensor([[100 + i] for i in range(b)]) for b in BATCHES}
 
     def run(b: int) -> float:
-        steps = [Batch.make(list(range(b)), [32 + i] * b, 1, bucket=KV_BUCKET, max_len=cache.max_len)
+        steps = [Batch.make(list(range(b)), [32 + i] * b, 1, bucket=COMPILED_KV_BUCKET, max_len=cache.max_len)
                  for i in range(tokens)]  # the positions an engine run decodes at
         model.decode(ids[b], steps[0], cache)
         t0 = time.perf_counter()

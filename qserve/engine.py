@@ -37,7 +37,11 @@ from qserve.sysmem import release_free_memory
 
 log = logging.getLogger("qserve.engine")
 
-KV_BUCKET = 64  # decode key lengths are padded to a multiple of this (see Batch.make)
+KV_BUCKET = 64  # eager decode key lengths are padded to a multiple of this (see Batch.make)
+# The compiled step's key length is dynamic (one graph for every length, no per-shape kernels), so
+# it pads only to the fp32 vector width: less padded attention work. SmolLM2-135M int4 g32, keys
+# 32-96, paired in-process rounds: batch 8 1.04x faster than at 64 (min 1.00), batch 1 unchanged.
+COMPILED_KV_BUCKET = 16
 PREFILL_BUCKET = 32  # prefill chunks are padded to a multiple of this
 DENSE_LAYOUTS = ("auto", "packed", "plain", "tiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,7 +158,7 @@ class TorchEngine(Engine):
     def _compile(self) -> None:
         assert self.model is not None and self.cache is not None
         self.compile_status = setup_compiled_decode(self.cfg.compile, self.model, self.cache,
-                                                    self.cfg.max_num_seqs, KV_BUCKET)
+                                                    self.cfg.max_num_seqs, COMPILED_KV_BUCKET)
         if self.model.compiled_step is None:
             self._pack_for_eager()
 
@@ -365,11 +369,14 @@ class TorchEngine(Engine):
         if decoding:
             decoding.sort(key=lambda s: s.slot)
             ids = torch.tensor([[s.output[-1]] for s in decoding])
+            bucket = COMPILED_KV_BUCKET if self.model.compiled_step is not None else KV_BUCKET
             batch = Batch.make([s.slot for s in decoding], [s.length - 1 for s in decoding], 1,
-                               bucket=KV_BUCKET, max_len=self.max_model_len)
+                               bucket=bucket, max_len=self.max_model_len)
             logits = self._decode(ids, batch)
+            # greedy rows take one argmax over the batch, not one call per row
+            greedy = logits.argmax(-1).tolist() if any(s.params.greedy for s in decoding) else []
             for row, seq in enumerate(decoding):
-                self._sample_and_emit(seq, logits[row])
+                self._sample_and_emit(seq, logits[row], greedy[row] if seq.params.greedy else None)
 
     def _decode(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """One decode forward, compiled when it can be. A compiled step that fails (a compile
@@ -386,10 +393,12 @@ class TorchEngine(Engine):
                 self.compile_status = f"off (failed while serving: {type(e).__name__})"
         return self.model(ids, batch, self.cache)
 
-    def _sample_and_emit(self, seq: _Seq, logits: torch.Tensor) -> None:
-        """A failure here belongs to one request: it ends that one, not the batch."""
+    def _sample_and_emit(self, seq: _Seq, logits: torch.Tensor, token: int | None = None) -> None:
+        """Emit `token`, or one sampled from `logits` when None. A failure here belongs to one
+        request: it ends that one, not the batch."""
         try:
-            token = sample(logits, seq.params, seq.gen)
+            if token is None:
+                token = sample(logits, seq.params, seq.gen)
         except RuntimeError as e:
             log.warning("sampling failed for %s: %s", seq.handle.request_id, e)
             self._finish(seq, "error", error=f"sampling failed: {e}")

@@ -183,8 +183,30 @@ def test_layers_that_differ_keep_their_guards(tiny_dir: Path, monkeypatch: pytes
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
-def _decode_vs_eager(model, slots: list[int], prompts: dict[int, list[int]], cache_slots: int = 4
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def test_batch_graph_groups_layers_its_own_way(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch graph runs more layers per call than the batch-1 graph (BATCH_GROUP, STEP_GROUP):
+    here one layer a call at batch 1 and both layers in one call above it. Each batch size runs
+    its own grouping, and both equal the eager step; the key length is not padded to 64 (the
+    compiled step's bucket is 16)."""
+    import qserve.compilation as qc
+
+    monkeypatch.setattr(qc, "STEP_GROUP", 1)
+    monkeypatch.setattr(qc, "BATCH_GROUP", 2)
+    model = load_model(tiny_dir, torch.float32, 64)
+    cfg = model.cfg
+    assert cfg.num_layers == 2
+    torch._dynamo.reset()
+    cache = KVCache(cfg.num_layers, 4, 64, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    assert setup_compiled_decode("on", model, cache, 4, 16).startswith("on")
+    assert [len(g) for g in model.step_groups] == [1, 1] and [len(g) for g in model.batch_step_groups] == [2]
+    prompts = {0: list(range(5, 25)), 2: list(range(40, 47)), 3: list(range(60, 90))}
+    for slots in ([2], [3, 0, 2]):
+        got, want = _decode_vs_eager(model, slots, prompts, bucket=16)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def _decode_vs_eager(model, slots: list[int], prompts: dict[int, list[int]], cache_slots: int = 4,
+                     bucket: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill `prompts` (slot -> ids) into two caches, then one decode token per slot in `slots`:
     (compiled step's logits, eager forward's logits). The model must be compiled already."""
     cfg, dt = model.cfg, model.dtype
@@ -192,7 +214,8 @@ def _decode_vs_eager(model, slots: list[int], prompts: dict[int, list[int]], cac
     for cache in caches:
         for slot, p in prompts.items():
             model(torch.tensor([p]), Batch.make([slot], [0], len(p)), cache)
-    batch = Batch.make(slots, [len(prompts[s]) for s in slots], 1, bucket=64, max_len=64)
+    batch = Batch.make(slots, [len(prompts[s]) for s in slots], 1, bucket=bucket, max_len=64)
+    assert batch.kv_len == -(-(max(len(prompts[s]) for s in slots) + 1) // bucket) * bucket
     ids = torch.tensor([[7 + i] for i in range(len(slots))])
     return model.decode(ids, batch, caches[1]), model(ids, batch, caches[0])
 
