@@ -17,9 +17,10 @@ compile. Prefill stays eager (its matmuls dominate).
 
 The batch graph takes larger groups (BATCH_GROUP): a call's fixed cost is higher there (dynamo's
 guards on the dynamic batch size: ~90 against ~50 us per call at 8 rows), and one step at 8 rows
-is long enough that a colder compile (~31 s for 15 layers) buys more. SmolLM2-135M int4 g32,
-8 rows, paired in-process rounds: 15 layers a call ran 1.056x as fast as 6 (16 rounds, min 0.95);
-10 layers 1.02x.
+is long enough that the longer compile buys more (`qserve serve smollm2-135m` cold: 58 s for
+both graphs, against ~30 s with 6-layer batch groups; 9.5 s from a warm inductor cache).
+SmolLM2-135M int4 g32, 8 rows, paired in-process rounds: 15 layers a call ran 1.056x as fast as 6
+(16 rounds, min 0.95); 10 layers 1.02x.
 """
 
 from __future__ import annotations
