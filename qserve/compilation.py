@@ -15,12 +15,10 @@ one loop, median tok/s: 1 layer per call 133-147, 3 layers 149-153, 5 layers 155
 dynamic in both. Both are compiled before the engine takes requests, so no request pays a
 compile. Prefill stays eager (its matmuls dominate).
 
-The batch graph takes larger groups (BATCH_GROUP): a call's fixed cost is higher there (dynamo's
-guards on the dynamic batch size: ~90 against ~50 us per call at 8 rows), and one step at 8 rows
-is long enough that the longer compile buys more (`qserve serve smollm2-135m` cold: 58 s for
-both graphs, against ~30 s with 6-layer batch groups; 9.5 s from a warm inductor cache).
-SmolLM2-135M int4 g32, 8 rows, paired in-process rounds: 15 layers a call ran 1.056x as fast as 6
-(16 rounds, min 0.95); 10 layers 1.02x.
+Larger groups for the batch graph alone were measured and not taken: 15 layers a call ran 1.056x
+as fast as 6 at 8 rows (SmolLM2-135M int4 g32, 16 paired rounds, min 0.95), but raised the
+server's peak RSS by 53 MiB past the planner's COMPILE_OVERHEAD (bench/runtime_overhead.py: peak /
+plan 1.01 -> 1.09) and doubled the cold compile (~30 -> 58 s).
 """
 
 from __future__ import annotations
@@ -42,7 +40,6 @@ from qserve.model import CausalLM, decode_head, decode_layers
 log = logging.getLogger("qserve.compile")
 
 MODES = ("auto", "on", "off")
-STEP_GROUP, BATCH_GROUP = 6, 15  # at most this many layers per call of the batch-1 / batch graph
 # No size/stride asserts on every input in the generated wrapper (~130 per call at 6 layers a call,
 # with the buffer allocations the Python left between the kernels): dynamo's guards check the
 # inputs already, and layer_signature the parameters whose guards _guard_options skips.
@@ -81,7 +78,7 @@ def import_compiler() -> None:
     import torch._inductor.compile_fx  # noqa: F401
 
 
-def group_size(num_layers: int, largest: int) -> int:
+def group_size(num_layers: int, largest: int = 6) -> int:
     """Layers per compiled call: the largest divisor of num_layers up to `largest`, so every call
     has the same shape (one graph) and none is a remainder."""
     return max(k for k in range(1, largest + 1) if num_layers % k == 0)
@@ -104,9 +101,8 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
         log.info("decode runs eager: %s", problem)
         return f"off ({problem})"
     t0 = time.perf_counter()
-    n, nb = group_size(len(model.layers), STEP_GROUP), group_size(len(model.layers), BATCH_GROUP)
+    n = group_size(len(model.layers))
     model.step_groups = [tuple(model.layers[i:i + n]) for i in range(0, len(model.layers), n)]
-    model.batch_step_groups = [tuple(model.layers[i:i + nb]) for i in range(0, len(model.layers), nb)]
     model.compiled_step = torch.compile(_own_code(decode_layers), options=INDUCTOR_OPTIONS | _guard_options(model))
     model.compiled_head = torch.compile(_own_code(decode_head), options=INDUCTOR_OPTIONS)
     try:
@@ -118,7 +114,7 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
         log.warning("compiling the decode step failed, decode runs eager: %s: %s", type(e).__name__, e)
         return f"off (compile failed: {type(e).__name__})"
     took = time.perf_counter() - t0
-    log.info("decode step compiled in %.1f s (%d layers per call at batch 1, %d above)", took, n, nb)
+    log.info("decode step compiled in %.1f s (%d layers per call)", took, n)
     return f"on (compiled in {took:.1f} s)"
 
 

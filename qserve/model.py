@@ -219,7 +219,6 @@ class CausalLM(nn.Module):
         self.compiled_step: Callable[..., torch.Tensor] | None = None
         self.compiled_head: Callable[..., torch.Tensor] = decode_head
         self.step_groups: list[tuple[DecoderLayer, ...]] = []
-        self.batch_step_groups: list[tuple[DecoderLayer, ...]] = []  # the same, for batches of 2 or more
 
     @property
     def pad_safe(self) -> bool:
@@ -305,7 +304,7 @@ class CausalLM(nn.Module):
             if ids.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
             ks, vs, i = cache.k.unbind(), cache.v.unbind(), 0
-            for layers in self.step_groups if ids.shape[0] == 1 else self.batch_step_groups:
+            for layers in self.step_groups:
                 j = i + len(layers)
                 x = self.compiled_step(layers, x, ks[i:j], vs[i:j], *args)
                 i = j

@@ -183,25 +183,19 @@ def test_layers_that_differ_keep_their_guards(tiny_dir: Path, monkeypatch: pytes
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
-def test_batch_graph_groups_layers_its_own_way(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The batch graph runs more layers per call than the batch-1 graph (BATCH_GROUP, STEP_GROUP):
-    here one layer a call at batch 1 and both layers in one call above it. Each batch size runs
-    its own grouping, and both equal the eager step; the key length is not padded to 64 (the
-    compiled step's bucket is 16)."""
-    import qserve.compilation as qc
+def test_compiled_step_with_short_key_padding_equals_eager(tiny_dir: Path) -> None:
+    """The engine pads the compiled step's key length to COMPILED_KV_BUCKET (16), not the eager
+    step's 64: the batch-1 and the batch graph, on key lengths that are not multiples of 64,
+    equal the eager step."""
+    from qserve.engine import COMPILED_KV_BUCKET
 
-    monkeypatch.setattr(qc, "STEP_GROUP", 1)
-    monkeypatch.setattr(qc, "BATCH_GROUP", 2)
     model = load_model(tiny_dir, torch.float32, 64)
     cfg = model.cfg
-    assert cfg.num_layers == 2
-    torch._dynamo.reset()
     cache = KVCache(cfg.num_layers, 4, 64, cfg.num_kv_heads, cfg.head_dim, torch.float32)
-    assert setup_compiled_decode("on", model, cache, 4, 16).startswith("on")
-    assert [len(g) for g in model.step_groups] == [1, 1] and [len(g) for g in model.batch_step_groups] == [2]
+    assert setup_compiled_decode("on", model, cache, 4, COMPILED_KV_BUCKET).startswith("on")
     prompts = {0: list(range(5, 25)), 2: list(range(40, 47)), 3: list(range(60, 90))}
     for slots in ([2], [3, 0, 2]):
-        got, want = _decode_vs_eager(model, slots, prompts, bucket=16)
+        got, want = _decode_vs_eager(model, slots, prompts, bucket=COMPILED_KV_BUCKET)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
