@@ -1,11 +1,11 @@
 """Quality of W4A4 / W4A4KV4 on a real model, in one run: fp, naive W4A4, QuaRot, FlatQuant, AWQ.
 
-Each checkpoint is made by `qserve quantize` in its own process (timed; peak RSS from the kernel;
-an existing checkpoint with a provenance file is reused, so a rerun only evaluates), then every
-variant's perplexity is measured on the held-out wiki eval split through our own model code, with
-the dense KV cache or the int4 KV cache format (`qserve.kvformats`, "int4"). Writes a Markdown
-table to bench/results/w4a4.md and records each variant's (dense-KV) perplexity beside it for the
-planner (`qserve.planner.record_quality`).
+Each checkpoint is made by `qserve quantize` in its own process (timed; peak RSS as that process
+records it in its provenance file; an existing checkpoint with a provenance file is reused, so a
+rerun only evaluates), then every variant's perplexity is measured on the held-out wiki eval split
+through our own model code, with the dense KV cache or the int4 KV cache format
+(`qserve.kvformats`, "int4"). Writes a Markdown table to bench/results/w4a4.md and records each
+variant's (dense-KV) perplexity beside it for the planner (`qserve.planner.record_quality`).
 
     python bench/w4a4_quality.py                     # SmolLM2-135M, first 64k eval tokens
     python bench/w4a4_quality.py --max-tokens 16384  # quicker
@@ -57,11 +57,9 @@ def quantize(src: Path, out: Path, argv: list[str]) -> dict:
     cmd = [sys.executable, "-m", "qserve.cli", "quantize", str(src), "--out", str(out)] + argv
     print(" ".join(cmd[3:]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
         raise SystemExit(f"{' '.join(cmd[3:])} failed")
-    return {"reused": False, "seconds": time.perf_counter() - t0, "peak_mib": usage.ru_maxrss / 1024,
+    return {"reused": False, "seconds": time.perf_counter() - t0,
             "provenance": json.loads(prov_path.read_text())}
 
 
@@ -157,7 +155,8 @@ def main() -> None:
     for label, path, kv, ppl, tokens, wbytes, secs, q in rows:
         qs = "-" if q is None else (f"{q['provenance'].get('seconds', 0):.0f} (earlier run)" if q["reused"]
                                     else f"{q['seconds']:.0f}")
-        rss = "-" if q is None or q["reused"] else f"{q['peak_mib']:.0f}"
+        peak = None if q is None else q["provenance"].get("peak_rss_mib")
+        rss = "-" if peak is None else f"{peak:.0f}" + (" (earlier run)" if q["reused"] else "")
         lines.append(f"| {label} | {'int4' if kv == 'int4' else 'dense'} | {ppl:.3f} | {ppl / fp - 1:+.1%} | "
                      f"{wbytes / 2**20:.1f} | {qs} | {rss} | {secs:.0f} |")
     lines += ["", "Quantization settings (qserve_quantize.json):", ""]

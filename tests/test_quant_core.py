@@ -74,3 +74,21 @@ def test_int4_checkpoint_3x_smaller(tiny_dir, tiny_rtn4_dir) -> None:
     int4 = sum(torch.Size(q.shape(n)).numel() * {"I32": 4, "F16": 2, "U8": 1}[q.index[n].dtype]
                for p in linear_prefixes(cfg) for n in q.names(p))
     assert fp16 / int4 >= 3.0, (fp16, int4)
+
+
+def test_quantize_cli_records_its_peak_rss(tiny_dir, tmp_path) -> None:
+    """`qserve quantize` writes its provenance with its own peak RSS in MiB (VmHWM, what a bench
+    reports for the offline step): at least the RSS before it ran, at most the peak after."""
+    import json
+
+    from qserve.cli import main
+    from qserve.sysmem import process_memory
+
+    before = process_memory()
+    if not before:
+        pytest.skip("no /proc/self/status here")
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--group-size", "32", "--out", str(out)]) == 0
+    prov = json.loads((out / "qserve_quantize.json").read_text())
+    assert prov["method"] == "rtn"
+    assert before["rss"] / 2**20 - 1 <= prov["peak_rss_mib"] <= process_memory()["peak"] / 2**20 + 1

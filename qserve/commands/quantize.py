@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from qserve.checkpoint import resolve_model_dir
     from qserve.errors import ConfigError
     from qserve.offline import quantizers, record_provenance
+    from qserve.sysmem import process_memory
 
     src = resolve_model_dir(args.model)
     out = Path(args.out)
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     info = quantizers()[args.method].run(src, out, args)
     took = time.perf_counter() - t0
-    record_provenance(out, {"method": args.method, "source": str(src), "seconds": round(took, 1), **info})
+    # This process's own peak (VmHWM): a parent's rusage of its child would not do, since Linux
+    # carries ru_maxrss over execve, so the child would report at least the parent's peak.
+    peak = process_memory().get("peak")
+    record_provenance(out, {"method": args.method, "source": str(src), "seconds": round(took, 1),
+                            **({"peak_rss_mib": round(peak / 2**20)} if peak else {}), **info})
     print(f"wrote {out} ({args.method}, {took:.1f} s)")
     return 0
