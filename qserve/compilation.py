@@ -11,9 +11,11 @@ different tensors, so one graph serves all groups and compiling costs a group, n
 Grouping amortises dynamo's per-call cost (guards, wrapper): SmolLM2-135M int4 g32 batch 1,
 one loop, median tok/s: 1 layer per call 133-147, 3 layers 149-153, 5 layers 155-157, 10 layers
 155-165, at a compile time that grows with the group (one graph, cold: 12 s at 1, 8 s at 5,
-14 s at 10 layers). Two graphs in all: batch 1, and any batch of 2 or more; the key length is
-dynamic in both. Both are compiled before the engine takes requests, so no request pays a
-compile. Prefill stays eager (its matmuls dominate).
+14 s at 10 layers). Two graphs for the layers: batch 1, and any batch of 2 or more; the key
+length is dynamic in both. The final norm and head are a graph of their own (`decode_head`), one
+per batch-size range (_warm_up). All are compiled before the engine takes requests, so no request
+pays a compile. Prefill stays eager (its matmuls dominate), except its last row's head, which runs
+the compiled head (CausalLM.forward).
 
 Larger groups for the batch graph alone were measured and not taken: 15 layers a call ran 1.056x
 as fast as 6 at 8 rows (SmolLM2-135M int4 g32, 16 paired rounds, min 0.95), but raised the
@@ -23,6 +25,7 @@ plan 1.01 -> 1.09) and doubled the cold compile (~30 -> 58 s).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -35,6 +38,7 @@ from torch import nn
 from qserve.attention import sdpa_attention
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
+from qserve.linear import ROW_GROUP
 from qserve.model import CausalLM, decode_head, decode_layers
 
 log = logging.getLogger("qserve.compile")
@@ -119,10 +123,17 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
 
 
 def _own_code(fn: FunctionType) -> FunctionType:
-    """fn with a code object of its own. Why: dynamo caches graphs on the code object, so every
-    model compiled in a process would share one cache, and a graph traced for another model (whose
-    module guards _guard_options skipped) would run on this one."""
-    return FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    """fn with a code object, and a name, of its own. Why: dynamo caches graphs on the code object,
+    so every model compiled in a process would share one cache, and a graph traced for another model
+    (whose module guards _guard_options skipped) would run on this one. It also keeps what it learnt
+    about input shapes (automatic dynamic) per file, line and name: after a model with another cache
+    size, a copy of the same name compiled its graphs with dynamic cache shapes whose guards then
+    failed while serving (a recompile), so each copy is named apart."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COPIES)}")
+    return FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+_COPIES = itertools.count()
 
 
 def layer_signature(layer: nn.Module) -> tuple:
@@ -154,12 +165,16 @@ def _guard_options(model: CausalLM) -> dict:
 
 
 def _warm_up(model: CausalLM, cache: KVCache, max_num_seqs: int, bucket: int) -> None:
-    """Compile both graphs on slots 0..1 at position 0 of an empty cache, then clear what they wrote.
+    """Compile the graphs on the first slots at position 0 of an empty cache, then clear what they wrote.
 
+    Batch sizes 1, 2 and ROW_GROUP + 1: a tiled int8 head reads rows in groups of ROW_GROUP
+    (qserve.linear.gemm_tiled), and its graph for one group (2..ROW_GROUP rows) cannot serve
+    several, so the head gets a graph for each; the layers' batch graph serves all sizes above 1.
     Batch tensors are made outside inference mode, as the engine makes them: the graphs guard on it."""
-    for b in sorted({1, min(2, max_num_seqs)}):
+    sizes = sorted({min(b, max_num_seqs) for b in (1, 2, ROW_GROUP + 1)})
+    for b in sizes:
         batch = Batch.make(list(range(b)), [0] * b, 1, bucket=bucket, max_len=cache.max_len)
         model.decode(torch.zeros(b, 1, dtype=torch.long), batch, cache)
     with torch.no_grad():
-        cache.k[:, :2, :, 0].zero_()
-        cache.v[:, :2, :, 0].zero_()
+        cache.k[:, :sizes[-1], :, 0].zero_()
+        cache.v[:, :sizes[-1], :, 0].zero_()

@@ -255,11 +255,12 @@ class CausalLM(nn.Module):
             release_free_memory()  # the plain copy, so packing does not raise the process's peak
         return len(linears)
 
-    def tile_linears(self) -> int:
+    def tile_linears(self, head_only: bool = False) -> int:
         """Lay the weights of bf16 and int8 linears (and heads) out in tiles for the compiled
-        batch-1 step (DenseLinear.tile, WeightOnlyLinear.tile). Returns how many were tiled now."""
+        decode step (DenseLinear.tile, WeightOnlyLinear.tile); only the head with `head_only`.
+        Returns how many were tiled now."""
         tiled = 0
-        for m in self.modules():
+        for m in ([self.lm_head] if head_only else self.modules()):
             if m is not self and callable(getattr(m, "tile", None)) and m.tile():
                 tiled += 1
                 release_free_memory()  # the untiled copy, so tiling does not raise the process's peak
@@ -280,9 +281,13 @@ class CausalLM(nn.Module):
         pos = batch.positions()
         for layer in self.layers:
             x = layer(x, batch, pos, self.rope, cache, self.attention)
-        if not all_logits:
-            x = x[:, logit_index]
-        return self.lm_head(self.norm(x)).float()
+        if all_logits:
+            return self.lm_head(self.norm(x)).float()
+        # the decode step's head (compiled when the step is): it reads a tiled int8 head in place,
+        # where an eager call copies the kernel's layout back first (~20 ms for SmolLM2's head).
+        # A fresh [B, 1, hidden] copy has the decode step's strides, which the compiled head guards on.
+        last = x[:, logit_index, None].clone(memory_format=torch.contiguous_format)
+        return self.compiled_head(self.norm, self.lm_head, last)
 
     def decode(self, ids: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
         """One decode step (ids [B, 1] -> logits [B, V]) through the compiled layer step; the same
@@ -308,6 +313,8 @@ class CausalLM(nn.Module):
                 j = i + len(layers)
                 x = self.compiled_step(layers, x, ks[i:j], vs[i:j], *args)
                 i = j
+            if ids.shape[0] > 1:  # the head's batch graph too, or it specialises on the warm-up's size
+                torch._dynamo.maybe_mark_dynamic(x, 0)
             return self.compiled_head(self.norm, self.lm_head, x)
 
 

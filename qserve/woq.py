@@ -22,7 +22,7 @@ from qserve.errors import ConfigError
 from qserve.groupquant import (
     dequantize_asym, dequantize_sym, num_groups, pack_int4, quantize_asym, quantize_sym, unpack_int4,
 )
-from qserve.linear import TILE, QuantLinear, gemv_tiled, in_graph_row, tile_rows, untile
+from qserve.linear import TILE, QuantLinear, gemm_tiled, gemv_tiled, in_graph_row, tile_rows, untile
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -148,11 +148,11 @@ class WeightOnlyLinear(QuantLinear):
 
     def tile(self) -> bool:
         """int8 (an int8 head, RTN w8 layers): hold the codes tiled (qserve.linear.tile_rows) for the
-        compiled batch-1 step, which then dequantizes them inside its own GEMV (gemv_tiled) instead
-        of calling `_weight_int8pack_mm`. Why: SmolLM2-135M's int8 head (49152 x 576), 2 threads,
-        paired: 1.03 vs 1.88 ms a call (28 vs 15 GB/s); engine A/Bs, batch-1 decode, tiled / not:
-        int4 g32 (its int8 head) 1.11x, RTN w8 1.45x. False (left as it is) for int4, or N not a
-        multiple of TILE."""
+        compiled step, which then dequantizes them inside its own loops (gemv_tiled at one row,
+        gemm_tiled in the batch graph) instead of calling `_weight_int8pack_mm`. Why: SmolLM2-135M's
+        int8 head (49152 x 576), 2 threads, paired: 1.03 vs 1.88 ms a call at one row (28 vs 15
+        GB/s), 4.1 vs 6.0 ms at 8 rows; engine A/Bs, batch-1 decode, tiled / not: int4 g32 (its
+        int8 head) 1.11x, RTN w8 1.45x. False (left as it is) for int4, or N not a multiple of TILE."""
         if self.tiled or self.weight_packed.dtype != torch.int8 or self.out_features % TILE:
             return False
         self.weight_packed = tile_rows(self.weight_packed)
@@ -199,7 +199,9 @@ class WeightOnlyLinear(QuantLinear):
             return woq_matmul(x, self.weight_packed, self.weight_scale, self.group_size, self.out_features, self.bias)
         if in_graph_row(x):
             return gemv_tiled(x.to(torch.bfloat16), self.weight_packed, self.bias, self.weight_scale).to(x.dtype)
-        # outside the compiled step (a prefill's last row): the kernel's layout back, for this call
+        if torch.compiler.is_compiling():  # the compiled batch step
+            return gemm_tiled(x.to(torch.bfloat16), self.weight_packed, self.bias, self.weight_scale).to(x.dtype)
+        # eager (a prefill chunk of a tiled w8 layer): the kernel's layout back, for this call
         return woq_matmul(x, untile(self.weight_packed), self.weight_scale, self.group_size, self.out_features, self.bias)
 
 

@@ -108,7 +108,10 @@ def test_packed_dense_linears(tiny_tied_dir: Path, dtype: torch.dtype) -> None:
 
 def test_swapping_variants_recompiles_for_the_new_one(tiny_dir: Path, tiny_rtn4_dir: Path) -> None:
     """A budget change that swaps checkpoints (fp -> int4 -> fp) drains, reloads, drops the old
-    graphs and compiles for the new model: outputs then equal an eager engine on that variant."""
+    graphs and compiles for the new model: outputs then equal a fresh engine's on that variant
+    (compiled too: the int4 model's int8 head is tiled only when the step compiles, and its sums
+    round to bf16 logits in another order than the eager kernel's, which flips ties on this tiny
+    random model)."""
     from torch._dynamo.utils import counters
 
     eng = make_engine(tiny_dir, dtype="float32", max_num_seqs=2, compile="on")
@@ -122,7 +125,7 @@ def test_swapping_variants_recompiles_for_the_new_one(tiny_dir: Path, tiny_rtn4_
             graphs = counters["stats"]["unique_graphs"]
             got = [tokens(evs) for evs in run_many(eng, [ids, ids[:3]], params)]
             assert counters["stats"]["unique_graphs"] == graphs  # warmed up by the swap itself
-            ref = make_engine(target, dtype="float32", max_num_seqs=2)
+            ref = make_engine(target, dtype="float32", max_num_seqs=2, compile="on")
             try:
                 assert got == [tokens(evs) for evs in run_many(ref, [ids, ids[:3]], params)]
             finally:
@@ -299,6 +302,52 @@ def test_tiled_int8_head_computes_what_the_int8_kernel_does() -> None:
     rtn4 = {"qweight": torch.zeros(96, 8, dtype=torch.int32), "scales": torch.ones(96, 2, dtype=torch.float16),
             "qzeros": torch.full((96, 2), 8, dtype=torch.uint8)}
     assert not WeightOnlyLinear(rtn4, 64, 96, 4, 32).tile()
+
+
+def test_tiled_int8_rows_compute_what_the_int8_kernel_does() -> None:
+    """gemm_tiled, the compiled batch graph's read of a tiled int8 weight: one graph with a dynamic
+    row count (1 to 9: whole row groups, padded ones, a single row) equals `_weight_int8pack_mm`
+    on the untiled codes to bf16 precision, bias and leading dimensions included."""
+    import qserve.linear as ql
+    from qserve.woq import WeightOnlyLinear, quantize_rows_int8
+
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    stored = quantize_rows_int8(lambda i, j: w[i:j], tuple(w.shape)) | {"bias": bias}
+    kernel, tiled = (WeightOnlyLinear(stored, 64, 96, 8, -1) for _ in range(2))
+    assert tiled.tile()
+    step = torch.compile(lambda x: tiled(x), dynamic=True)  # rows > 1 inside the graph: gemm_tiled
+    for rows in (2, 3, 4, 5, 8, 9, 1):
+        x = torch.randn(rows, 1, 64, generator=g).to(torch.bfloat16)
+        want = kernel(x).float()
+        assert want.shape == (rows, 1, 96)
+        direct = ql.gemm_tiled(x, tiled.weight_packed, tiled.bias, tiled.weight_scale)  # eager, any row count
+        for got in (step(x).float(), direct.float()):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+def test_multi_stream_engine_reads_its_int8_head_tiled(tiny_rtn4_dir: Path) -> None:
+    """A multi-stream engine whose step compiles holds a quantized model's int8 head tiled (read in
+    place by both graphs and by the prefill's last row, through the compiled head), its other weights
+    as they were; batch sizes 1..5 and prefills then compile nothing new. Eager: the kernel's layout."""
+    from torch._dynamo.utils import counters
+
+    from qserve.woq import WeightOnlyLinear
+
+    for compile_mode, want in (("on", True), ("off", False)):
+        eng = make_engine(tiny_rtn4_dir, dtype="bfloat16", max_num_seqs=5, max_model_len=128, compile=compile_mode)
+        try:
+            assert eng.model.lm_head.tiled is want
+            assert not any(m.tiled for m in eng.model.layers.modules() if isinstance(m, WeightOnlyLinear))
+            if compile_mode == "on":
+                graphs = counters["stats"]["unique_graphs"]
+                ids = eng.tokenizer("The quick brown fox")["input_ids"]
+                params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+                for n in (1, 2, 5):
+                    assert all(len(tokens(evs)) == 40 for evs in run_many(eng, [ids] * n, params))
+                assert counters["stats"]["unique_graphs"] == graphs
+        finally:
+            eng.shutdown()
 
 
 def test_models_compiled_in_one_process_keep_their_own_graphs(tiny_dir: Path, tiny_rtn4_dir: Path) -> None:
