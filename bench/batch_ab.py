@@ -11,7 +11,7 @@ processes, measured in rounds that alternate batch 1 and batch 8 (the order flip
   team does not compete);
 - "matmuls": the same model's linears and head alone, called in model order once per decode step at
   1 and at 8 rows, nothing between them: what torch's kernels (`_weight_int4pack_mm_for_cpu`,
-  `_weight_int8pack_mm`, oneDNN bf16) cost per step at each batch.
+  oneDNN bf16) and the compiled int8 head's loops cost per step at each batch.
 
 Each reports per-round ratios (8 rows per step / 1 row per step, as aggregate tokens/s). A step's
 fixed costs (Python, norms, attention at short context) weigh more at batch 1 than at batch 8, so
@@ -74,10 +74,12 @@ def step_child(path: str, threads: int | None, tokens: int):
 
 
 def matmul_child(path: str, threads: int | None, tokens: int):
-    """Every linear of the model and its head, as the multi-stream engine holds them (bf16 weights
-    oneDNN-packed, int8 head on quantized models), in this process's only thread."""
+    """Every linear of the model and its head, as the multi-stream engine holds and runs them (bf16
+    weights oneDNN-packed; a quantized model's int8 head tiled and read by the compiled head's
+    loops, when inductor can build here), in this process's only thread."""
     import torch
 
+    from qserve.compilation import will_try_compile
     from qserve.config import load_config
     from qserve.model import load_model
     from qserve.planner import int8_head_default
@@ -87,8 +89,12 @@ def matmul_child(path: str, threads: int | None, tokens: int):
     model = load_model(Path(path), torch.bfloat16, 64, int8_head=int8_head_default(load_config(Path(path))))
     model.pack_dense_linears()
     linears = [m for layer in model.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-    linears.append(model.lm_head)
-    inputs = {b: [torch.randn(b, m.in_features, dtype=torch.bfloat16) for m in linears] for b in BATCHES}
+    if will_try_compile("auto") and model.tile_linears(head_only=True):
+        linears.append(torch.compile(model.lm_head, options={"size_asserts": False}))
+    else:
+        linears.append(model.lm_head)
+    inputs = {b: [torch.randn(b, k, dtype=torch.bfloat16) for k in [m.in_features for m in linears[:-1]] + [model.lm_head.in_features]]
+              for b in BATCHES}
 
     def run(b: int) -> float:
         with torch.inference_mode():
