@@ -89,12 +89,10 @@ def matmul_child(path: str, threads: int | None, tokens: int):
     model = load_model(Path(path), torch.bfloat16, 64, int8_head=int8_head_default(load_config(Path(path))))
     model.pack_dense_linears()
     linears = [m for layer in model.layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+    linears.append(model.lm_head)
+    inputs = {b: [torch.randn(b, m.in_features, dtype=torch.bfloat16) for m in linears] for b in BATCHES}
     if will_try_compile("auto") and model.tile_linears(head_only=True):
-        linears.append(torch.compile(model.lm_head, options={"size_asserts": False}))
-    else:
-        linears.append(model.lm_head)
-    inputs = {b: [torch.randn(b, k, dtype=torch.bfloat16) for k in [m.in_features for m in linears[:-1]] + [model.lm_head.in_features]]
-              for b in BATCHES}
+        linears[-1] = torch.compile(model.lm_head, options={"size_asserts": False})
 
     def run(b: int) -> float:
         with torch.inference_mode():

@@ -122,6 +122,9 @@ def setup_compiled_decode(mode: str, model: CausalLM, cache: KVCache, max_num_se
     return f"on (compiled in {took:.1f} s)"
 
 
+_COPIES = itertools.count()  # numbers each _own_code copy's name
+
+
 def _own_code(fn: FunctionType) -> FunctionType:
     """fn with a code object, and a name, of its own. Why: dynamo caches graphs on the code object,
     so every model compiled in a process would share one cache, and a graph traced for another model
@@ -131,9 +134,6 @@ def _own_code(fn: FunctionType) -> FunctionType:
     failed while serving (a recompile), so each copy is named apart."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COPIES)}")
     return FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
-_COPIES = itertools.count()
 
 
 def layer_signature(layer: nn.Module) -> tuple:
