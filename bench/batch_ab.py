@@ -79,7 +79,7 @@ def matmul_child(path: str, threads: int | None, tokens: int):
     loops, when inductor can build here), in this process's only thread."""
     import torch
 
-    from qserve.compilation import will_try_compile
+    from qserve.compilation import INDUCTOR_OPTIONS, will_try_compile
     from qserve.config import load_config
     from qserve.model import load_model
     from qserve.planner import int8_head_default
@@ -92,7 +92,7 @@ def matmul_child(path: str, threads: int | None, tokens: int):
     linears.append(model.lm_head)
     inputs = {b: [torch.randn(b, m.in_features, dtype=torch.bfloat16) for m in linears] for b in BATCHES}
     if will_try_compile("auto") and model.tile_linears(head_only=True):
-        linears[-1] = torch.compile(model.lm_head, options={"size_asserts": False})
+        linears[-1] = torch.compile(model.lm_head, options=INDUCTOR_OPTIONS)
 
     def run(b: int) -> float:
         with torch.inference_mode():
