@@ -152,11 +152,18 @@ def gemv_tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n_tiles, k, tile = weight.shape
     x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
     out = (x.float().reshape(k, 1) * weight.float()).sum(-2).reshape(*x.shape[:-1], n_tiles * tile)
+    return _tiled_epilogue(out, scale, bias, x.dtype)
+
+
+def _tiled_epilogue(out: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 sums of a tiled read -> the linear's output: per-row int8 scale, bias, then one
+    rounding to `dtype`; shared so the one-row and batch graphs round alike."""
     if scale is not None:
         out = out * scale.float()
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return out.to(dtype)
 
 
 ROW_GROUP = 4  # input rows gemm_tiled sums in one pass over a tile
@@ -181,11 +188,7 @@ def gemm_tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     wf = weight.float()[:, None]
     out = torch.stack([(groups[None, :, r, :, None] * wf).sum(-2) for r in range(ROW_GROUP)], 2)  # [tiles, groups, ROW_GROUP, TILE]
     out = out.permute(1, 2, 0, 3).reshape(-1, n_tiles * tile)[:n]
-    if scale is not None:
-        out = out * scale.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*lead, n_tiles * tile)
+    return _tiled_epilogue(out, scale, bias, x.dtype).reshape(*lead, n_tiles * tile)
 
 
 def tile_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine_util import make_engine, needs_compiler, run_many, tokens
-from qserve.compilation import setup_compiled_decode
+from qserve.compilation import INDUCTOR_OPTIONS, setup_compiled_decode
 from qserve.engine_api import SamplingParams
 from qserve.errors import ConfigError
 from qserve.kvcache import Batch, KVCache
@@ -295,7 +295,7 @@ def test_tiled_int8_head_computes_what_the_int8_kernel_does() -> None:
     x = torch.randn(1, 1, 64, generator=g).to(torch.bfloat16)
     want = kernel(x).float()
     tol = 1e-2 * want.abs().max().item()
-    torch.testing.assert_close(torch.compile(tiled)(x).float(), want, rtol=0, atol=tol)
+    torch.testing.assert_close(torch.compile(tiled, options=INDUCTOR_OPTIONS)(x).float(), want, rtol=0, atol=tol)
     torch.testing.assert_close(tiled(x).float(), want, rtol=0, atol=0)  # eager: the same kernel
     tiled.untile()
     assert not tiled.tiled and torch.equal(tiled.weight_packed, kernel.weight_packed)
@@ -316,7 +316,7 @@ def test_tiled_int8_rows_compute_what_the_int8_kernel_does() -> None:
     stored = quantize_rows_int8(lambda i, j: w[i:j], tuple(w.shape)) | {"bias": bias}
     kernel, tiled = (WeightOnlyLinear(stored, 64, 96, 8, -1) for _ in range(2))
     assert tiled.tile()
-    step = torch.compile(lambda x: tiled(x), dynamic=True)  # rows > 1 inside the graph: gemm_tiled
+    step = torch.compile(lambda x: tiled(x), dynamic=True, options=INDUCTOR_OPTIONS)  # rows > 1 in the graph: gemm_tiled
     for rows in (2, 3, 4, 5, 8, 9, 1):
         x = torch.randn(rows, 1, 64, generator=g).to(torch.bfloat16)
         want = kernel(x).float()
