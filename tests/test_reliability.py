@@ -18,7 +18,7 @@ from server_util import start_cli_server
 @pytest.fixture(scope="module")
 def small_queue_server(tiny_dir: Path):
     proc, base = start_cli_server(tiny_dir, "--served-model-name", "tiny", "--dtype", "float32",
-                                  "--max-num-seqs", "4", "--max-waiting", "8", "--max-model-len", "256",
+                                  "--max-num-seqs", "4", "--max-waiting", "8", "--max-model-len", "2048",
                                   "--log-level", "warning")
     yield base
     proc.terminate()
@@ -79,9 +79,14 @@ def test_overload_64_streams_queue_of_8(small_queue_server: str) -> None:
 
 
 def test_disconnect_frees_slot(small_queue_server: str) -> None:
+    """A client that closes a stream mid-way frees its slot and counts as aborted.
+
+    The request must outlast the client's reaction: the tiny model decodes ~1000 tokens/s here, so
+    200 tokens (0.2 s) can all reach the socket before a slow client closes it (CI failed that way
+    once), and the server then rightly sees a completed request. 2000 tokens take ~2 s."""
     base = small_queue_server
     aborted = _metric(base, "qserve_requests_aborted_total")
-    body = {"model": "tiny", "prompt": "long", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 2000, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as c, c.stream("POST", base + "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         for _ in range(3):
